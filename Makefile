@@ -1,0 +1,44 @@
+# convserve: the commands a newcomer needs. Every target does its own set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: install data demo test lint format bench bench-train clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# constraints.txt pins torch to the release with a local CPU wheel (no CUDA download)
+	$(PIP) install -q -c constraints.txt -e '.[train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install convserve with its train and dev extras
+
+data: $(STAMP)  ## get the datasets (Debian package when possible, else verified download)
+	bash scripts/get-data.sh $(PY)
+
+demo: install data  ## train the default Fashion-MNIST recipe and evaluate it on the test set
+	$(VENV)/bin/cnn-train --recipe fashion_mnist --out $(DEMO_DIR)
+
+test: install data  ## the whole test suite
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench-train: install data  ## trainer vs a minimal hand-written loop; writes bench/results/train_fashion.json
+	$(PY) bench/train_fashion.py --out bench/results/train_fashion.json
+
+bench: bench-train
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

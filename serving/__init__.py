@@ -1,0 +1,1 @@
+"""convserve serving: the gRPC inference server on ONNX Runtime (never imports torch)."""

@@ -1,0 +1,78 @@
+"""Batch augmentation on the training device: random crop with padding, flip, erasing.
+
+Each augmentation works on a whole uint8 batch at once (no per-sample Python). The random
+draws for a step come from a generator keyed by (seed, epoch, step) and are drawn for the
+whole global batch, so a rank that takes rows [a, b) of it sees exactly the draws a single
+process would have used for those rows: augmentation does not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainer.recipe import AugmentConfig
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A CPU generator for one step, independent of every other step and of process count."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+    return g
+
+
+class BatchAugment:
+    """Applies the recipe's augmentations to rows `rows` of a global batch of size `total`."""
+
+    def __init__(self, cfg: AugmentConfig, fill: tuple[int, ...]):
+        self.cfg = cfg
+        self.fill = fill  # per-channel uint8 value used for erasing (the dataset mean)
+
+    @property
+    def active(self) -> bool:
+        c = self.cfg
+        return c.crop_padding > 0 or c.flip or c.erase_prob > 0
+
+    def __call__(
+        self, x: torch.Tensor, g: torch.Generator, total: int | None = None, offset: int = 0
+    ) -> torch.Tensor:
+        n, _, h, w = x.shape
+        total = total or n
+        rows = slice(offset, offset + n)
+        dev = x.device
+        c = self.cfg
+        if c.crop_padding:
+            p = c.crop_padding
+            dy = torch.randint(0, 2 * p + 1, (total,), generator=g)[rows].to(dev)
+            dx = torch.randint(0, 2 * p + 1, (total,), generator=g)[rows].to(dev)
+            padded = F.pad(x, (p, p, p, p))
+            iy = (dy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]
+            ix = (dx[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]
+            ib = torch.arange(n, device=dev)[:, None, None, None]
+            ic = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+            x = padded[ib, ic, iy, ix]
+        if c.flip:
+            flip = (torch.rand(total, generator=g) < 0.5)[rows].to(dev)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if c.erase_prob > 0:
+            x = self._erase(x, g, total, rows)
+        return x
+
+    def _erase(self, x: torch.Tensor, g: torch.Generator, total: int, rows: slice) -> torch.Tensor:
+        """Random erasing: a rectangle of up to `erase_max_fraction` of the area set to the mean."""
+        _n, ch, h, w = x.shape
+        dev = x.device
+        apply = (torch.rand(total, generator=g) < self.cfg.erase_prob)[rows]
+        area = torch.rand(total, generator=g)[rows] * self.cfg.erase_max_fraction * h * w
+        aspect = torch.exp((torch.rand(total, generator=g)[rows] - 0.5) * 2 * 1.0986)  # 1/3..3
+        eh = (area * aspect).sqrt().clamp(1, h).floor()
+        ew = (area / aspect).sqrt().clamp(1, w).floor()
+        y0 = (torch.rand(total, generator=g)[rows] * (h - eh + 1)).floor()
+        x0 = (torch.rand(total, generator=g)[rows] * (w - ew + 1)).floor()
+        ys = torch.arange(h)[None, :]
+        xs = torch.arange(w)[None, :]
+        my = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])
+        mx = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])
+        mask = (my[:, :, None] & mx[:, None, :]) & apply[:, None, None]
+        fill = torch.tensor(self.fill, dtype=x.dtype, device=dev).view(1, ch, 1, 1)
+        return torch.where(mask[:, None].to(dev), fill, x)

@@ -1,0 +1,75 @@
+"""Checkpoints that are written atomically and resume a run exactly.
+
+A checkpoint holds only tensors, plain containers and RNG states as tensors, so
+`torch.load(weights_only=True)` can read it: loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message says which and why."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write `state` to `path` atomically: a temp file in the same folder, fsync, rename.
+
+    A crash (or a full disk) at any moment leaves either the previous checkpoint or the new
+    one under the final name, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {exc.strerror or exc}; "
+                "the previous checkpoint is intact"
+            ) from exc
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with `weights_only=True` (no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for torn or foreign files
+        msg = f"checkpoint {path} is not a readable convserve checkpoint: {exc}"
+        raise CheckpointError(msg) from exc
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states (dropout draws from torch's global generator) as tensors."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
