@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install data demo test lint format bench bench-train clean
+.PHONY: install proto data demo test lint format bench bench-train clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,13 +18,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## create .venv and install convserve with its train and dev extras
 
+proto: $(STAMP)  ## regenerate serving/proto/ from protos/ (commit the result)
+	bash scripts/gen-proto.sh serving/proto $(PY)
+
 data: $(STAMP)  ## get the datasets (Debian package when possible, else verified download)
 	bash scripts/get-data.sh $(PY)
 
 demo: install data  ## train the default Fashion-MNIST recipe and evaluate it on the test set
 	$(VENV)/bin/cnn-train --recipe fashion_mnist --out $(DEMO_DIR)
 
-test: install data  ## the whole test suite
+TRITON_VENV := .venv-tritonclient
+
+# tritonclient in a venv of its own: it declares its own `inference` protos and wants protobuf<7.
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q 'tritonclient[grpc]==2.73.0' numpy
+	touch $@
+
+test: install data $(TRITON_VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
 
 lint: install

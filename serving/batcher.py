@@ -1,0 +1,259 @@
+"""Dynamic batching: concurrent requests for one model version become one ONNX Runtime run.
+
+One `Batcher` per loaded model version, living on the worker's asyncio loop:
+
+- `submit(rows, deadline)` admits a request (or sheds it at once with QueueFull when the
+  queue holds `max_queue_size` rows: memory stays bounded under any load);
+- a scheduler task takes rows from the queue head, waits at most `max_queue_delay` for
+  company once it has a free instance, and launches a batch of up to `max_batch_size` rows on
+  the named ORT executor (`instances` batches may run at once);
+- a request larger than `max_batch_size` is split across batches and reassembled in order;
+- a request whose deadline passed, or whose caller went away (its future was cancelled),
+  is dropped before compute and never takes a batch slot;
+- a failed run fails only the requests in that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull, ServingError
+
+log = logging.getLogger("convserve.batcher")
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (implemented by serving.metrics.ModelMetrics)."""
+
+    def queue_depth(self, rows: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def batch(self, size: int, seconds: float) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+
+
+class _NullObserver:
+    def queue_depth(self, rows: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def batch(self, size: int, seconds: float) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_size: int = 64
+    max_queue_delay_s: float = 0.0
+    max_queue_size: int = 4096  # rows (images) waiting, summed over requests
+    instances: int = 1
+
+
+@dataclass
+class _Request:
+    rows: np.ndarray
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic() value
+    enqueued: float
+    taken: int = 0  # rows already handed to a batch
+    parts: list[tuple[int, np.ndarray | None]] = field(default_factory=list)
+    failed: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return len(self.rows) - self.taken
+
+    @property
+    def dead(self) -> bool:
+        return self.future.done() or self.failed
+
+
+RunFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Batcher:
+    """Merges concurrent requests into batched runs of `run` (a blocking function)."""
+
+    def __init__(
+        self,
+        run: RunFn,
+        config: BatchConfig,
+        executor: concurrent.futures.Executor,
+        observer: BatchObserver | None = None,
+        name: str = "model",
+    ):
+        self.run = run
+        self.config = config
+        self.executor = executor
+        self.observer = observer or _NullObserver()
+        self.name = name
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_rows = 0
+        self._slots = asyncio.Semaphore(config.instances)
+        self._arrived = asyncio.Event()
+        self._running: set[asyncio.Task] = set()
+        self._closed = False
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Compute `rows` (N, ...) in some batch; returns their N output rows, in order."""
+        if self._closed:
+            raise Draining("server is shutting down")
+        n = len(rows)
+        if self._queued_rows + n > self.config.max_queue_size:
+            self.observer.rejected("queue_full")
+            raise QueueFull(
+                f"queue for {self.name} is full ({self._queued_rows} of "
+                f"{self.config.max_queue_size} rows waiting); retry later"
+            )
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self.observer.rejected("deadline_exceeded")
+            raise DeadlineExceeded("deadline already passed on arrival")
+        req = _Request(rows, asyncio.get_running_loop().create_future(), deadline, now)
+        self._queue.append(req)
+        self._queued_rows += n
+        self.observer.queue_depth(self._queued_rows)
+        self._arrived.set()
+        try:
+            return await req.future
+        finally:
+            if not req.future.done():  # the caller was cancelled: free its queued rows now
+                req.future.cancel()
+                self._drop(req)
+
+    # -- scheduling --------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        cfg = self.config
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._slots.acquire()
+            if cfg.max_queue_delay_s > 0 and self._queued_rows < cfg.max_batch_size:
+                await self._wait_for_company()
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _wait_for_company(self) -> None:
+        """Hold the first request until the batch fills or its queue delay is spent."""
+        cfg = self.config
+        while self._queue and self._queued_rows < cfg.max_batch_size:
+            head = self._queue[0]
+            left = head.enqueued + cfg.max_queue_delay_s - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
+
+    def _drop(self, req: _Request) -> None:
+        if req in self._queue:
+            self._queue.remove(req)
+            self._queued_rows -= req.remaining
+            self.observer.queue_depth(self._queued_rows)
+
+    def _take(self) -> list[tuple[_Request, int, int]]:
+        """Pop up to max_batch_size rows from the queue head, skipping dead requests."""
+        now = time.monotonic()
+        batch: list[tuple[_Request, int, int]] = []
+        room = self.config.max_batch_size
+        while self._queue and room > 0:
+            req = self._queue[0]
+            if req.dead or (req.deadline is not None and req.deadline <= now):
+                self._queue.popleft()
+                self._queued_rows -= req.remaining
+                if not req.future.done():
+                    self.observer.rejected("deadline_exceeded")
+                    req.future.set_exception(
+                        DeadlineExceeded("deadline passed while queued; not computed")
+                    )
+                continue
+            if req.taken == 0:
+                self.observer.queue_wait(now - req.enqueued)
+            n = min(room, req.remaining)
+            batch.append((req, req.taken, req.taken + n))
+            req.taken += n
+            self._queued_rows -= n
+            room -= n
+            if req.remaining == 0:
+                self._queue.popleft()
+        self.observer.queue_depth(self._queued_rows)
+        return batch
+
+    async def _execute(self, batch: list[tuple[_Request, int, int]]) -> None:
+        try:
+            parts = [req.rows[a:b] for req, a, b in batch]
+            x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            loop = asyncio.get_running_loop()
+            t0 = time.monotonic()
+            try:
+                out = await loop.run_in_executor(self.executor, self.run, x)
+            except ServingError as exc:
+                self._fail(batch, exc)
+                return
+            except Exception as exc:  # never let one batch take the scheduler down
+                log.exception("batch of %d rows for %s failed", len(x), self.name)
+                self._fail(batch, InferenceFailed(f"inference failed: {exc}"))
+                return
+            self.observer.batch(len(x), time.monotonic() - t0)
+            self._deliver(batch, out)
+        finally:
+            self._slots.release()
+
+    def _deliver(self, batch: list[tuple[_Request, int, int]], out: np.ndarray) -> None:
+        start = 0
+        for req, a, b in batch:
+            if not req.dead:
+                req.parts.append((a, out[start : start + b - a]))
+                self._complete(req)
+            start += b - a
+
+    def _complete(self, req: _Request) -> None:
+        if sum(len(p) for _, p in req.parts) < len(req.rows):
+            return  # other parts of a split request are still running
+        req.parts.sort(key=lambda p: p[0])
+        rows = req.parts[0][1] if len(req.parts) == 1 else np.concatenate([p for _, p in req.parts])
+        if not req.future.done():
+            req.future.set_result(rows)
+
+    def _fail(self, batch: list[tuple[_Request, int, int]], exc: ServingError) -> None:
+        for req, _, _ in batch:
+            req.failed = True
+            if not req.future.done():
+                req.future.set_exception(exc)
+            self._drop(req)
+
+    # -- shutdown ----------------------------------------------------------------------
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop admitting, let queued and running requests finish (bounded), then stop."""
+        self._closed = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue or self._running:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.005)
+        self._scheduler.cancel()
+        for req in list(self._queue):
+            if not req.future.done():
+                req.future.set_exception(Draining("server shut down before this was computed"))
+        self._queue.clear()
+        self._queued_rows = 0
+        self.observer.queue_depth(0)

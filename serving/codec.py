@@ -1,0 +1,140 @@
+"""Wire bytes -> uint8 image arrays the model takes, with every check a client deserves.
+
+Encoded images are decoded with Pillow (PNG, JPEG, WebP, BMP, GIF), turned upright by their
+EXIF orientation, converted to the model's channels and resized to its input size. Raw
+tensors are checked for dtype, shape, byte length and (for float32) finite values in 0..255.
+Everything here raises InvalidInput with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serving.errors import InvalidInput
+
+# A decompression bomb (a tiny file that decodes to gigapixels) is refused before decoding.
+MAX_IMAGE_PIXELS = 16_000_000
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "MPO"})
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model's `images` input takes: uint8 NCHW of this size."""
+
+    channels: int
+    height: int
+    width: int
+    name: str = "images"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def nbytes(self) -> int:
+        return self.channels * self.height * self.width
+
+
+def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
+    """Encoded image bytes -> (C, H, W) uint8 for `spec`."""
+    if not data:
+        raise InvalidInput("image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ALLOWED_FORMATS:
+                raise InvalidInput(f"unsupported image format {img.format}")
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise InvalidInput(f"image has zero size ({w}x{h})")
+            if w * h > MAX_IMAGE_PIXELS:
+                raise InvalidInput(
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of {MAX_IMAGE_PIXELS}"
+                )
+            img.seek(0)  # animated images: the first frame
+            img = ImageOps.exif_transpose(img)
+            img = _to_channels(img, spec.channels)
+            if img.size != (spec.width, spec.height):
+                img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except InvalidInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidInput(
+            "image bytes are not a recognised image format (PNG, JPEG, WebP, BMP or GIF)"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidInput(f"image could not be decoded: {exc}") from None
+    if arr.ndim == 2:
+        return arr[None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _to_channels(img: Image.Image, channels: int) -> Image.Image:
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode == "I;16" or img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit greyscale: keep the top 8 bits rather than clipping everything to white.
+        arr = np.asarray(img, dtype=np.uint32) >> 8
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become black, the background of the images we train on.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert(mode) if img.mode != mode else img
+
+
+_DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+
+
+def tensor_to_image(dtype: str, shape: tuple[int, ...], data: bytes, spec: InputSpec) -> np.ndarray:
+    """A raw tensor (C,H,W), or (H,W) for one channel, -> (C, H, W) uint8 for `spec`."""
+    if dtype not in _DTYPES:
+        raise InvalidInput(f"tensor dtype must be uint8 or float32, got {dtype}")
+    shape = tuple(int(d) for d in shape)
+    ok = shape == spec.shape or (spec.channels == 1 and shape == (spec.height, spec.width))
+    if not ok:
+        raise InvalidInput(
+            f"tensor shape {list(shape)} does not match the model input "
+            f"[{spec.channels}, {spec.height}, {spec.width}]"
+        )
+    dt = _DTYPES[dtype]
+    expected = spec.nbytes * dt.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"tensor data is {len(data)} bytes; shape {list(shape)} of {dtype} needs {expected}"
+        )
+    arr = np.frombuffer(data, dtype=dt).reshape(spec.shape)
+    if dt == np.uint8:
+        return arr
+    return float_to_uint8(arr)
+
+
+def float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Float pixel values (0..255) -> uint8, refusing NaN, Inf and out-of-range values."""
+    if not np.isfinite(arr).all():
+        raise InvalidInput("float32 tensor contains NaN or Inf")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 255.0:
+        raise InvalidInput(f"float32 pixel values must lie in 0..255, got {lo:g}..{hi:g}")
+    return np.rint(arr).astype(np.uint8)
+
+
+def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and probabilities of the k most likely classes per row, most likely first."""
+    k = min(k, probabilities.shape[1])
+    if k == 1:
+        idx = probabilities.argmax(axis=1)[:, None]
+    else:
+        part = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(probabilities, part, axis=1).argsort(axis=1)[:, ::-1]
+        idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(probabilities, idx, axis=1)

@@ -1,0 +1,135 @@
+"""The protocol-agnostic core both wire APIs call: pick a model, decode, batch, rank.
+
+Handlers translate protobuf to the plain values these functions take and back; nothing
+here knows about gRPC. Every input is validated before it joins a batch, so a bad request
+never fails good ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.codec import decode_image, float_to_uint8, tensor_to_image, top_k
+from serving.errors import InvalidInput
+from serving.repository import ModelRepository, ModelVersion
+
+# Decoding this many encoded bytes inline would stall the event loop; hand it to a thread.
+INLINE_DECODE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images_per_request: int = 256
+    max_top_k: int = 1000
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    dtype: str  # "uint8" | "float32"
+    shape: tuple[int, ...]
+    data: bytes
+
+
+ImageInput = EncodedImage | RawTensor
+
+
+@dataclass
+class Classification:
+    model: ModelVersion
+    indices: np.ndarray  # (N, k) int
+    probabilities: np.ndarray  # (N, k) float32
+
+
+class DataPlane:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        limits: Limits,
+        decode_executor: concurrent.futures.Executor | None = None,
+    ):
+        self.repository = repository
+        self.limits = limits
+        self.decode_executor = decode_executor
+
+    def model(self, name: str | None, version: int | None) -> ModelVersion:
+        return self.repository.get(name or None, version or None)
+
+    def check_top_k(self, k: int, mv: ModelVersion) -> int:
+        if k < 0:
+            raise InvalidInput(f"top_k must be >= 0, got {k}")
+        return min(k or 1, mv.num_classes)
+
+    def decode(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
+        """Every image of a request -> one (N, C, H, W) uint8 array, or InvalidInput."""
+        n = len(images)
+        if n == 0:
+            raise InvalidInput("request has no images")
+        if n > self.limits.max_images_per_request:
+            raise InvalidInput(
+                f"request has {n} images; the limit is {self.limits.max_images_per_request}"
+            )
+        out = np.empty((n, *mv.spec.shape), dtype=np.uint8)
+        for i, img in enumerate(images):
+            try:
+                if isinstance(img, RawTensor):
+                    out[i] = tensor_to_image(img.dtype, img.shape, img.data, mv.spec)
+                else:
+                    out[i] = decode_image(img.data, mv.spec)
+            except InvalidInput as exc:
+                raise InvalidInput(f"image {i}: {exc}") from None
+        return out
+
+    async def decode_async(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
+        """`decode`, moved off the event loop when the encoded payload is large."""
+        encoded = sum(len(i.data) for i in images if isinstance(i, EncodedImage))
+        if encoded < INLINE_DECODE_BYTES or self.decode_executor is None:
+            return self.decode(images, mv)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decode_executor, self.decode, images, mv)
+
+    async def classify(
+        self, mv: ModelVersion, rows: np.ndarray, k: int, deadline: float | None
+    ) -> Classification:
+        out = await mv.infer(rows, deadline)
+        idx, probs = top_k(out[:, 1], k)
+        return Classification(mv, idx, probs)
+
+    def batch_tensor(
+        self, mv: ModelVersion, dtype: str, shape: Sequence[int], data: bytes
+    ) -> np.ndarray:
+        """A V2 input tensor (N, C, H, W) of UINT8 or FP32 -> validated uint8 rows."""
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 4 or shape[1:] != mv.spec.shape:
+            raise InvalidInput(
+                f"input 'images' must have shape [N, {', '.join(map(str, mv.spec.shape))}], "
+                f"got {list(shape)}"
+            )
+        n = shape[0]
+        if n < 1:
+            raise InvalidInput("input 'images' has batch size 0")
+        if n > self.limits.max_images_per_request:
+            raise InvalidInput(
+                f"request has {n} images; the limit is {self.limits.max_images_per_request}"
+            )
+        itemsize = {"UINT8": 1, "FP32": 4}.get(dtype)
+        if itemsize is None:
+            raise InvalidInput(f"input 'images' datatype must be UINT8 or FP32, got {dtype}")
+        expected = n * mv.spec.nbytes * itemsize
+        if len(data) != expected:
+            raise InvalidInput(
+                f"input 'images' holds {len(data)} bytes; shape {list(shape)} of {dtype} "
+                f"needs {expected}"
+            )
+        if dtype == "UINT8":
+            return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+        return float_to_uint8(np.frombuffer(data, dtype="<f4").reshape(shape))

@@ -1,0 +1,60 @@
+"""Errors raised by the serving core. Each maps to one gRPC status code, in one table
+(`serving.services.STATUS_OF`); the core never sees gRPC types."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class: the message is what the client reads."""
+
+    reason = "internal"
+
+
+class InvalidInput(ServingError):
+    """The request itself is wrong (bad image, shape, dtype, option...)."""
+
+    reason = "invalid_argument"
+
+
+class ModelNotFound(ServingError):
+    reason = "not_found"
+
+
+class QueueFull(ServingError):
+    """Load shedding: the model's queue is at --max-queue-size."""
+
+    reason = "queue_full"
+
+
+class MessageTooLarge(ServingError):
+    reason = "message_too_large"
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed before it could be computed."""
+
+    reason = "deadline_exceeded"
+
+
+class Draining(ServingError):
+    """The server is shutting down and admits no new work."""
+
+    reason = "draining"
+
+
+class InferenceFailed(ServingError):
+    """ONNX Runtime failed on a batch; only that batch's requests see this."""
+
+    reason = "inference_failed"
+
+
+class ModelLoadError(ServingError):
+    """A model version that cannot be served (refused at load; the old version stays)."""
+
+    reason = "load_failed"
+
+
+class DeviceUnavailable(ServingError):
+    """An explicitly requested execution provider cannot run here."""
+
+    reason = "device_unavailable"

@@ -1,0 +1,280 @@
+"""Every Prometheus metric convserve exports, defined once, with help text and units.
+
+A registry is passed in (tests build a fresh one). With `--workers N` the server runs in
+prometheus_client's multiprocess mode: gauges declare how they combine across workers
+(`livesum` for queue depth and in-flight requests, `livemax` for model info, `liveall` for
+per-worker process figures) and counters of dead workers stay in the totals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from serving.batcher import BatchObserver
+from serving.repository import ModelVersion, RepositoryEvents
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
+QUEUE_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1,
+)
+COMPUTE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The metric objects, created once per registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
+        self.requests = Counter(
+            "convserve_requests_total",
+            "RPCs handled, by method and gRPC status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "convserve_request_duration_seconds",
+            "End-to-end RPC latency in the server, from handler start to response.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.items = Counter(
+            "convserve_inference_items_total",
+            "Images run through the model (rows of computed batches).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "convserve_queue_wait_seconds",
+            "Time a request waited in the batcher queue before its batch started.",
+            ["model", "version"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "convserve_batch_compute_seconds",
+            "ONNX Runtime time per batch.",
+            ["model", "version"],
+            buckets=COMPUTE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "convserve_batch_size",
+            "Rows (images) per ONNX Runtime run.",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "convserve_queue_depth",
+            "Rows (images) waiting in the batcher queue.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.inflight = Gauge(
+            "convserve_inflight_requests",
+            "RPCs being handled right now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rejected = Counter(
+            "convserve_rejected_requests_total",
+            "Requests refused or dropped before compute, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "convserve_model_loads_total",
+            "Model versions loaded and warmed.",
+            ["model"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "convserve_model_load_failures_total",
+            "Model versions refused at load (the previous version keeps serving).",
+            ["model"],
+            registry=r,
+        )
+        self.model_swaps = Counter(
+            "convserve_model_swaps_total",
+            "Hot swaps from one served version to a newer one.",
+            ["model"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "convserve_model_info",
+            "1 for each model version being served, with its execution provider and opset.",
+            ["model", "version", "provider", "opset", "requested_device"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.provider_fallback = Gauge(
+            "convserve_execution_provider_fallback",
+            "1 when a model runs on the CPU although --device auto wanted a GPU provider.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.models_loaded = Gauge(
+            "convserve_models_loaded",
+            "Model versions currently served.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.process_cpu = Gauge(
+            "convserve_process_cpu_seconds",
+            "CPU time (user + system) of this worker process.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.process_rss = Gauge(
+            "convserve_process_resident_memory_bytes",
+            "Resident memory of this worker process.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.process_fds = Gauge(
+            "convserve_process_open_fds",
+            "Open file descriptors of this worker process.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+
+    def model_observer(self, model: str, version: int) -> ModelObserver:
+        return ModelObserver(self, model, str(version))
+
+    def update_process(self) -> None:
+        """Refresh this worker's CPU, memory and fd gauges (called periodically). In
+        multiprocess mode prometheus_client adds a `pid` label to each (liveall)."""
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.process_cpu.set(ru.ru_utime + ru.ru_stime)
+        self.process_rss.set(_rss_bytes())
+        with contextlib.suppress(OSError):
+            self.process_fds.set(len(os.listdir("/proc/self/fd")))
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class ModelObserver(BatchObserver):
+    """Batcher observations for one model version, with children bound once (hot path)."""
+
+    def __init__(self, m: Metrics, model: str, version: str):
+        self._depth = m.queue_depth.labels(model, version)
+        self._wait = m.queue_wait.labels(model, version)
+        self._compute = m.compute.labels(model, version)
+        self._size = m.batch_size.labels(model, version)
+        self._items = m.items.labels(model, version)
+        self._rejected = m.rejected
+
+    def queue_depth(self, rows: int) -> None:
+        self._depth.set(rows)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._wait.observe(seconds)
+
+    def batch(self, size: int, seconds: float) -> None:
+        self._compute.observe(seconds)
+        self._size.observe(size)
+        self._items.inc(size)
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(reason).inc()
+
+
+class RequestTimer:
+    """Counts an RPC by method and status code and observes its latency."""
+
+    __slots__ = ("_metrics", "_start", "method")
+
+    def __init__(self, metrics: Metrics, method: str):
+        self._metrics = metrics
+        self.method = method
+        self._start = time.perf_counter()
+
+    def done(self, code: str) -> None:
+        m = self._metrics
+        m.requests.labels(self.method, code).inc()
+        m.request_latency.labels(self.method).observe(time.perf_counter() - self._start)
+
+
+class MetricsEvents(RepositoryEvents):
+    """Repository events as metrics: loads, failures, swaps and the model info gauge."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+        self._live = 0
+
+    def load(self, model: str, version: int, ok: bool, reason: str = "") -> None:
+        (self.m.model_loads if ok else self.m.model_load_failures).labels(model).inc()
+
+    def swap(self, model: str, old: int | None, new: int) -> None:
+        if old is not None:
+            self.m.model_swaps.labels(model).inc()
+
+    def info(self, mv: ModelVersion, live: bool) -> None:
+        s = mv.session
+        labels = (mv.name, str(mv.version), s.provider, str(mv.opset), s.requested_device)
+        self.m.model_info.labels(*labels).set(1 if live else 0)
+        self.m.provider_fallback.labels(mv.name).set(1 if s.fallback else 0)
+        self._live += 1 if live else -1
+        self.m.models_loaded.set(self._live)
+
+    def observer(self, model: str, version: int) -> BatchObserver:
+        return self.m.model_observer(model, version)

@@ -1,0 +1,153 @@
+"""ONNX Runtime sessions: execution providers, fallback detection, session options, warm-up.
+
+ONNX Runtime silently falls back to the CPU when the CUDA provider cannot load. We compare
+the providers a session actually got with those we asked for: `auto` logs the fallback
+loudly and reports the active provider everywhere; an explicit `cuda` fails at start-up.
+Models are loaded from bytes held in memory, so a version folder deleted or replaced under
+a running server cannot change what it serves, and external-data files are never followed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.errors import DeviceUnavailable, InferenceFailed
+
+log = logging.getLogger("convserve.runtime")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+GRAPH_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | tensorrt
+    intra_op_threads: int = 0  # 0: ORT's default (one per core)
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+    # Spinning worker threads burn the cores that gRPC and Python need on a small machine.
+    allow_spinning: bool = False
+
+
+def _device_id(device: str) -> int:
+    _, _, idx = device.partition(":")
+    return int(idx) if idx else 0
+
+
+def requested_providers(device: str) -> list[tuple[str, dict[str, str]]]:
+    """The provider list (with options) to ask ORT for, best first."""
+    if device == "cpu":
+        return [(CPU, {})]
+    if device == "tensorrt":
+        return [(TENSORRT, {}), (CUDA, {}), (CPU, {})]
+    if device == "auto" or device.startswith("cuda"):
+        return [(CUDA, {"device_id": str(_device_id(device))}), (CPU, {})]
+    raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or tensorrt, got {device!r}")
+
+
+def _preload_cuda_libraries() -> None:
+    # onnxruntime-gpu >= 1.21 can load CUDA/cuDNN shipped as pip packages (nvidia-*).
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # missing wheels are reported by the fallback check
+            log.debug("onnxruntime.preload_dlls() failed: %s", exc)
+
+
+def session_options(opts: RuntimeOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    so.graph_optimization_level = GRAPH_OPT_LEVELS[opts.graph_optimization]
+    so.log_severity_level = 3  # our own log says what matters
+    spin = "1" if opts.allow_spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return so
+
+
+class Session:
+    """One ORT session on the chosen device, with the provider it really got."""
+
+    def __init__(self, model_bytes: bytes, opts: RuntimeOptions, label: str = "model"):
+        self.requested_device = opts.device
+        wanted = requested_providers(opts.device)
+        available = set(ort.get_available_providers())
+        if any(p in (CUDA, TENSORRT) for p, _ in wanted):
+            _preload_cuda_libraries()
+        providers = [(p, o) for p, o in wanted if p in available] or [(CPU, {})]
+        self.session = ort.InferenceSession(
+            model_bytes, sess_options=session_options(opts), providers=providers
+        )
+        active = self.session.get_providers()
+        self.provider = active[0]
+        first_wanted = wanted[0][0]
+        if self.provider != first_wanted:
+            reason = (
+                f"{first_wanted} is not available in this onnxruntime build"
+                if first_wanted not in available
+                else f"{first_wanted} failed to load (missing CUDA/cuDNN libraries or no GPU)"
+            )
+            if opts.device != "auto":
+                raise DeviceUnavailable(
+                    f"--device {opts.device} was requested but {reason}; "
+                    f"ONNX Runtime would run {label} on {self.provider}"
+                )
+            log.warning(
+                "FALLBACK: --device auto wanted %s for %s but %s; serving on %s",
+                first_wanted,
+                label,
+                reason,
+                self.provider,
+            )
+        self.fallback = self.provider != first_wanted
+        self.on_gpu = self.provider in (CUDA, TENSORRT)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_type = inp.type
+        self.input_shape = inp.shape
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, images: np.ndarray, outputs: tuple[str, ...] = ("probabilities",)) -> list:
+        """Run a uint8 NCHW batch; a failure is InferenceFailed with ORT's reason."""
+        try:
+            if self.on_gpu:
+                return self._run_bound(images, outputs)
+            return self.session.run(list(outputs), {self.input_name: images})
+        except Exception as exc:
+            raise InferenceFailed(f"inference failed: {exc}") from exc
+
+    def _run_bound(self, images: np.ndarray, outputs: tuple[str, ...]) -> list:
+        # IO binding: the input is copied to the device once and outputs are fetched once.
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, images)
+        for name in outputs:
+            binding.bind_output(name, "cuda", _device_id(self.requested_device))
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def warmup(self, max_batch_size: int, shape: tuple[int, int, int]) -> None:
+        """Run batch 1 and max batch once so the first request pays no allocation cost."""
+        for n in sorted({1, max_batch_size}):
+            self.run(np.zeros((n, *shape), dtype=np.uint8))
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

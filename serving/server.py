@@ -1,0 +1,386 @@
+"""`cnn-serve`: build the gRPC server, load the repository, serve until SIGTERM, drain.
+
+`create_server(config)` builds everything for one worker and returns the server, the port it
+bound and the app that owns the repository, so a test binds port 0 and talks to it. `main`
+adds process concerns: flags (each also a CONVSERVE_* environment variable), logging,
+signals, the metrics listener and, with --workers N, worker processes sharing the port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from serving.batcher import BatchConfig
+from serving.dataplane import DataPlane, Limits
+from serving.metrics import Metrics, MetricsEvents
+from serving.proto.convserve.v1 import classifier_pb2, classifier_pb2_grpc
+from serving.proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from serving.repository import VARIANT_FILES, ModelRepository, RepositoryConfig
+from serving.runtime import GRAPH_OPT_LEVELS, RuntimeOptions
+from serving.services import ClassifierServicer, Gate, InferenceServicer
+
+log = logging.getLogger("convserve.server")
+
+SERVICE_NAMES = (
+    classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
+    grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting of one server; defaults live here and nowhere else."""
+
+    model_repository: Path = Path("models")
+    models: tuple[str, ...] = ()  # NAME or NAME:V1,V2 (pinned versions)
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8000  # 0: no metrics listener
+    device: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+    variant: str = "fp32"
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 4096
+    instances: int = 1
+    workers: int = 1
+    poll_interval: float = 5.0
+    drain_timeout: float = 30.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_images_per_request: int = 256
+    max_model_bytes: int = 512 * 1024 * 1024
+    log_format: str = "text"
+    log_level: str = "info"
+    reuse_port: bool = False  # set for workers that share a port reserved by the parent
+
+    def repository_config(self) -> RepositoryConfig:
+        names, pinned = [], {}
+        for spec in self.models:
+            name, _, versions = spec.partition(":")
+            names.append(name)
+            if versions:
+                pinned[name] = tuple(int(v) for v in versions.split(","))
+        return RepositoryConfig(
+            Path(self.model_repository),
+            tuple(names),
+            pinned,
+            self.poll_interval,
+            self.variant,
+            self.max_model_bytes,
+        )
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(
+            self.device, self.intra_op_threads, self.inter_op_threads, self.graph_optimization
+        )
+
+    def batch_config(self) -> BatchConfig:
+        return BatchConfig(
+            self.max_batch_size,
+            self.max_queue_delay_us / 1e6,
+            self.max_queue_size,
+            self.instances,
+        )
+
+
+@dataclass
+class App:
+    """What one worker serves: repository, data plane, health, metrics, admission gate."""
+
+    config: ServerConfig
+    metrics: Metrics
+    repository: ModelRepository
+    health: HealthServicer
+    gate: Gate = field(default_factory=Gate)
+    decode_executor: concurrent.futures.ThreadPoolExecutor | None = None
+    _process_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Load and warm every model, then report SERVING (health stays NOT_SERVING until)."""
+        await self.repository.start()
+        await self._set_health()
+        self._process_task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        # Health follows the repository (a model may load later); process gauges refresh.
+        while True:
+            self.metrics.update_process()
+            await self._set_health()
+            await asyncio.sleep(1.0)
+
+    async def _set_health(self) -> None:
+        serving = self.gate.open and self.repository.ready
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def drain(self, server: grpc.aio.Server, timeout: float) -> None:
+        """NOT_SERVING, refuse new RPCs, finish every admitted one (bounded), stop."""
+        self.gate.open = False
+        await self._set_health()
+        log.info("draining: finishing admitted requests (up to %.0fs)", timeout)
+        await server.stop(grace=timeout)
+        await self.repository.close(timeout=1.0)
+        if self._process_task is not None:
+            self._process_task.cancel()
+        if self.decode_executor is not None:
+            self.decode_executor.shutdown(wait=False)
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int | str]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # A stale server on the same port must not silently take our traffic; only
+        # workers of one server share a port (the parent reserves it).
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+    ]
+
+
+async def create_server(
+    config: ServerConfig, registry: CollectorRegistry | None = None
+) -> tuple[grpc.aio.Server, int, App]:
+    """Build one worker's server and bind it; call `app.start()` then `server.start()`."""
+    metrics = Metrics(registry)
+    repository = ModelRepository(
+        config.repository_config(),
+        config.runtime_options(),
+        config.batch_config(),
+        MetricsEvents(metrics),
+    )
+    decode_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="decode")
+    plane = DataPlane(repository, Limits(config.max_images_per_request), decode_executor)
+    health = HealthServicer()  # it starts out SERVING for "": say NOT_SERVING until loaded
+    app = App(config, metrics, repository, health, decode_executor=decode_executor)
+    await app._set_health()
+    server = grpc.aio.server(options=grpc_options(config))
+    args = (plane, metrics, app.gate, config.device)
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(*args), server)
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(*args), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+    address = f"{_host(config.host)}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc reports a failed bind this way
+        port = 0
+    if port == 0:
+        raise OSError(f"could not bind {address} (in use, or not an address of this host)")
+    return server, port, app
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve(config: ServerConfig, registry: CollectorRegistry | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT, then drain and return 0."""
+    server, port, app = await create_server(config, registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()  # health answers NOT_SERVING while models load
+    log.info("listening on %s:%d (pid %d)", config.host, port, os.getpid())
+    await app.start()
+    if not app.repository.ready:
+        log.error(
+            "no model is loaded yet from %s (%s)",
+            config.model_repository,
+            app.repository.last_error or "empty repository",
+        )
+    else:
+        for name in app.repository.names():
+            mv = app.repository.get(name)
+            log.info("serving %s version %d on %s", name, mv.version, mv.session.provider)
+    await stop.wait()
+    await app.drain(server, config.drain_timeout)
+    log.info("stopped")
+    return 0
+
+
+# ----------------------------------------------------------------------------- flags
+def _env(name: str) -> str:
+    return "CONVSERVE_" + name.upper().replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig()
+    p = argparse.ArgumentParser(
+        prog="cnn-serve",
+        description="Serve ONNX image classifiers over gRPC (convserve.v1 and KServe V2). "
+        "Every flag can also be set as CONVSERVE_<FLAG> (e.g. CONVSERVE_PORT=50051).",
+    )
+
+    def add(flag: str, typ: type, default: object, help: str, **kw: object) -> None:
+        env = _env(flag)
+        value = os.environ.get(env, default)
+        p.add_argument(f"--{flag}", type=typ, default=value, help=f"{help} [{env}]", **kw)
+
+    add("model-repository", Path, d.model_repository, "model repository folder")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=os.environ.get(_env("model"), "").split() or None,
+        help="serve only this model; NAME:1,2 pins versions (repeatable) [CONVSERVE_MODEL]",
+    )
+    add("host", str, d.host, "gRPC bind address")
+    add("port", int, d.port, "gRPC port (0: any free port)")
+    add("metrics-host", str, d.metrics_host, "Prometheus /metrics bind address")
+    add("metrics-port", int, d.metrics_port, "Prometheus /metrics port (0: off)")
+    add("device", str, d.device, "auto | cpu | cuda | cuda:N | tensorrt")
+    add("intra-op-threads", int, d.intra_op_threads, "ORT threads per run (0: one per core)")
+    add("inter-op-threads", int, d.inter_op_threads, "ORT inter-op threads")
+    add(
+        "graph-optimization",
+        str,
+        d.graph_optimization,
+        "ORT graph optimisation level",
+        choices=sorted(GRAPH_OPT_LEVELS),
+    )
+    add("variant", str, d.variant, "which model file to serve", choices=sorted(VARIANT_FILES))
+    add("max-batch-size", int, d.max_batch_size, "rows per ORT run")
+    add(
+        "max-queue-delay-us",
+        int,
+        d.max_queue_delay_us,
+        "how long a request may wait for company (microseconds)",
+    )
+    add("max-queue-size", int, d.max_queue_size, "queued rows beyond which requests are shed")
+    add("instances", int, d.instances, "concurrent ORT runs per model")
+    add("workers", int, d.workers, "worker processes sharing the port")
+    add("poll-interval", float, d.poll_interval, "seconds between repository scans (0: never)")
+    add("drain-timeout", float, d.drain_timeout, "seconds to finish admitted requests on SIGTERM")
+    add("max-message-bytes", int, d.max_message_bytes, "largest request or response")
+    add("max-images-per-request", int, d.max_images_per_request, "images in one request")
+    add("max-model-bytes", int, d.max_model_bytes, "largest model file that will be loaded")
+    add("log-format", str, d.log_format, "text | json", choices=["text", "json"])
+    add("log-level", str, d.log_level, "debug | info | warning | error")
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    a = build_parser().parse_args(argv)
+    for name, low in (
+        ("port", 0),
+        ("metrics-port", 0),
+        ("max-batch-size", 1),
+        ("max-queue-size", 1),
+        ("instances", 1),
+        ("workers", 1),
+        ("max-images-per-request", 1),
+        ("max-message-bytes", 1024),
+    ):
+        if getattr(a, name.replace("-", "_")) < low:
+            build_parser().error(f"--{name} must be >= {low}")
+    return ServerConfig(
+        model_repository=a.model_repository,
+        models=tuple(a.model or ()),
+        host=a.host,
+        port=a.port,
+        metrics_host=a.metrics_host,
+        metrics_port=a.metrics_port,
+        device=a.device,
+        intra_op_threads=a.intra_op_threads,
+        inter_op_threads=a.inter_op_threads,
+        graph_optimization=a.graph_optimization,
+        variant=a.variant,
+        max_batch_size=a.max_batch_size,
+        max_queue_delay_us=a.max_queue_delay_us,
+        max_queue_size=a.max_queue_size,
+        instances=a.instances,
+        workers=a.workers,
+        poll_interval=a.poll_interval,
+        drain_timeout=a.drain_timeout,
+        max_message_bytes=a.max_message_bytes,
+        max_images_per_request=a.max_images_per_request,
+        max_model_bytes=a.max_model_bytes,
+        log_format=a.log_format,
+        log_level=a.log_level,
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_args(argv)
+    setup_logging(config.log_format, config.log_level)
+    if config.workers > 1:
+        from serving.workers import run_workers
+
+        return run_workers(config)
+    return run_single(config)
+
+
+def run_single(config: ServerConfig) -> int:
+    """One worker: a plain server, or one of the workers that `--workers N` started."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    from serving.errors import DeviceUnavailable
+    from serving.workers import WORKER_ENV
+
+    registry = REGISTRY
+    if os.environ.get(WORKER_ENV):
+        # Multiprocess mode: values go to files the parent aggregates; no listener here.
+        config = replace(config, reuse_port=True, metrics_port=0, port=int(os.environ[WORKER_ENV]))
+        registry = CollectorRegistry()
+    if config.metrics_port:
+        start_http_server(config.metrics_port, config.metrics_host, registry)
+    try:
+        return asyncio.run(serve(config, registry))
+    except (DeviceUnavailable, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""`--workers N`: N worker processes share one port, as in grpc's multiprocessing example.
+
+The parent reserves the port with SO_REUSEPORT (so nothing else can take it), wipes the
+Prometheus multiprocess folder, starts the workers (each a full single-worker server with
+its own ORT sessions), serves the aggregated /metrics, restarts a worker that dies, and on
+SIGTERM forwards it and waits for every worker to drain. SO_REUSEPORT spreads connections,
+not requests: clients need several connections to use every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from serving.server import ServerConfig
+
+log = logging.getLogger("convserve.workers")
+
+WORKER_ENV = "CONVSERVE_WORKER_PORT"  # set for workers: the port the parent reserved
+
+
+@contextlib.contextmanager
+def reserve_port(host: str, port: int) -> Iterator[int]:
+    """Bind (not listen) with SO_REUSEPORT so only our workers can share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def _worker_argv(port: int) -> list[str]:
+    argv = [a for a in sys.argv[1:]]
+    return [
+        sys.executable,
+        "-m",
+        "serving.server",
+        *argv,
+        "--workers",
+        "1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+    ]
+
+
+def run_workers(config: ServerConfig) -> int:
+    """The parent process of a multi-worker server."""
+    mp_dir = Path(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="convserve-prom-")
+    )
+    shutil.rmtree(mp_dir, ignore_errors=True)
+    mp_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp_dir)
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+
+    with reserve_port(config.host, config.port) as port:
+        env = {**os.environ, WORKER_ENV: str(port)}
+        if config.metrics_port:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=str(mp_dir))
+            start_http_server(config.metrics_port, config.metrics_host, registry)
+
+        def spawn() -> subprocess.Popen:
+            return subprocess.Popen(_worker_argv(port), env=env)
+
+        workers = [spawn() for _ in range(config.workers)]
+        log.info("started %d workers on port %d: %s", len(workers), port, [w.pid for w in workers])
+        while not stopping.wait(0.2):
+            for i, w in enumerate(workers):
+                if w.poll() is not None:
+                    log.error("worker %d exited with %s; restarting it", w.pid, w.returncode)
+                    multiprocess.mark_process_dead(w.pid, str(mp_dir))
+                    workers[i] = spawn()
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                w.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + config.drain_timeout + 10
+        code = 0
+        for w in workers:
+            try:
+                rc = w.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.kill()
+                rc = w.wait()
+            multiprocess.mark_process_dead(w.pid, str(mp_dir))
+            code = code or (rc if rc and rc > 0 else 0)
+    return code

@@ -1,0 +1,573 @@
+"""The gRPC server, end to end: real `cnn-serve` processes on loopback, real ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from serving.client import Client, PredictionError
+from serving.proto.convserve.v1 import classifier_pb2 as pb
+from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from serving.proto.inference import grpc_predict_v2_pb2 as v2
+from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from tests.serving_helpers import ROOT, metric_value, running_server, start_server
+from trainer.data import load_dataset
+
+MODEL = "fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def fashion_test():
+    return load_dataset("fashion-mnist").test
+
+
+@pytest.fixture(scope="module")
+def version_dir(model_repository) -> Path:
+    return model_repository / MODEL / "1"
+
+
+@pytest.fixture(scope="module")
+def ort_probs(version_dir, fashion_test):
+    """Probabilities of the first 1000 test images from ONNX Runtime in-process."""
+    sess = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return sess.run(["probabilities"], {"images": fashion_test.images[:1000]})[0]
+
+
+TRITON_VENV = ROOT / ".venv-tritonclient"
+
+
+@pytest.fixture(scope="session")
+def tritonclient_python() -> str:
+    """tritonclient lives in its own venv (it ships its own `inference` protos and wants
+    protobuf < 7); `make test` creates it, and so does this fixture when it is missing."""
+    python = TRITON_VENV / "bin" / "python"
+    if not (TRITON_VENV / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(TRITON_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]==2.73.0", "numpy"],
+            check=True,
+        )
+        (TRITON_VENV / ".installed").touch()
+    return str(python)
+
+
+@pytest.fixture(scope="module")
+def server(model_repository, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    with running_server(
+        model_repository,
+        tmp,
+        "--max-queue-delay-us",
+        "2000",
+        "--max-batch-size",
+        "32",
+        "--max-message-bytes",
+        "2000000",
+        "--max-images-per-request",
+        "300",
+    ) as s:
+        yield s
+
+
+def png(image_chw: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image_chw[0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tensor(image_chw: np.ndarray, dtype=pb.UINT8, **kw) -> pb.Image:
+    return pb.Image(
+        tensor=pb.Tensor(
+            dtype=dtype,
+            shape=kw.get("shape", list(image_chw.shape)),
+            data=kw.get("data", image_chw.tobytes()),
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- Predict
+def test_predict_with_png_bytes_matches_onnx_runtime_and_the_model_accuracy(
+    server, fashion_test, ort_probs
+):
+    n = 500
+    with Client(server.target) as client:
+        preds = []
+        for start in range(0, n, 100):
+            preds += client.predict([png(x) for x in fashion_test.images[start : start + 100]], 3)
+    got = np.array([p.index for p in preds])
+    assert np.array_equal(got, ort_probs[:n].argmax(1))  # the same answers as ORT in-process
+    accuracy = float((got == fashion_test.labels[:n]).mean())
+    manifest = json.loads((server_repo(server) / MODEL / "1" / "manifest.json").read_text())
+    assert accuracy == pytest.approx(manifest["test_accuracy"], abs=0.05)
+    top = preds[0].classes
+    assert len(top) == 3 and top[0].probability >= top[1].probability >= top[2].probability
+    assert abs(top[0].probability - float(ort_probs[0].max())) < 1e-5
+    assert preds[0].model == MODEL and preds[0].version == 1
+
+
+def server_repo(server) -> Path:
+    cmd = server.proc.args
+    return Path(cmd[cmd.index("--model-repository") + 1])
+
+
+def test_raw_uint8_and_float32_tensors_give_the_same_answer(server, fashion_test, ort_probs):
+    x = fashion_test.images[:4]
+    stub = pb_grpc.ClassifierStub(server.channel())
+    as_u8 = stub.Predict(pb.PredictRequest(images=[tensor(i) for i in x], top_k=10))
+    as_f32 = stub.Predict(
+        pb.PredictRequest(images=[tensor(i.astype(np.float32), pb.FLOAT32) for i in x], top_k=10)
+    )
+    hw = stub.Predict(pb.PredictRequest(images=[tensor(i, shape=[28, 28]) for i in x], top_k=10))
+    for resp in (as_u8, as_f32, hw):
+        for row, p in zip(ort_probs[:4], resp.predictions, strict=True):
+            got = np.zeros(10)
+            for c in p.classes:
+                got[c.index] = c.probability
+            np.testing.assert_allclose(got, row, atol=1e-6)
+
+
+def test_predict_stream_answers_each_request_in_order(server, fashion_test, ort_probs):
+    stub = pb_grpc.ClassifierStub(server.channel())
+    reqs = [
+        pb.PredictRequest(images=[tensor(fashion_test.images[i])], request_id=str(i))
+        for i in range(20)
+    ]
+    resps = list(stub.PredictStream(iter(reqs)))
+    assert [r.request_id for r in resps] == [str(i) for i in range(20)]
+    assert [r.predictions[0].classes[0].index for r in resps] == list(ort_probs[:20].argmax(1))
+
+
+def test_get_model_info_reports_labels_input_provider_and_manifest(server):
+    info = Client(server.target).model_info()
+    assert info["name"] == MODEL and info["versions"] == [1]
+    assert len(info["labels"]) == 10 and info["labels"][0] == "T-shirt/top"
+    assert info["input"] == {"channels": 1, "height": 28, "width": 28}
+    assert info["execution_provider"] == "CPUExecutionProvider"
+    assert info["manifest"]["labels"] == info["labels"]
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_rows(server, fashion_test, ort_probs):
+    before = server.metrics()
+
+    async def run() -> list[pb.PredictResponse]:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            calls = [
+                stub.Predict(
+                    pb.PredictRequest(
+                        images=[tensor(fashion_test.images[i]) for i in range(j, j + 1 + j % 3)],
+                        top_k=10,
+                        request_id=str(j),
+                    )
+                )
+                for j in range(64)
+            ]
+            return await asyncio.gather(*calls)
+
+    resps = asyncio.run(run())
+    for j, resp in enumerate(resps):
+        assert resp.request_id == str(j)
+        assert len(resp.predictions) == 1 + j % 3
+        for k, p in enumerate(resp.predictions):
+            got = {c.index: c.probability for c in p.classes}
+            np.testing.assert_allclose([got[c] for c in range(10)], ort_probs[j + k], atol=1e-6)
+    after = server.metrics()
+    batches = metric_value(after, "convserve_batch_size_count") - metric_value(
+        before, "convserve_batch_size_count"
+    )
+    rows = metric_value(after, "convserve_batch_size_sum") - metric_value(
+        before, "convserve_batch_size_sum"
+    )
+    assert rows == sum(1 + j % 3 for j in range(64))
+    assert rows / batches > 1.5, f"{rows} rows in {batches} batches: not batched"
+
+
+# ----------------------------------------------------------------------------- V2 / tritonclient
+def test_v2_model_infer_raw_and_typed_contents_match_onnx_runtime(server, fashion_test, ort_probs):
+    stub = v2_grpc.GRPCInferenceServiceStub(server.channel())
+    x = fashion_test.images[:5]
+    raw = v2.ModelInferRequest(model_name=MODEL, id="r1", raw_input_contents=[x.tobytes()])
+    raw.inputs.add(name="images", datatype="UINT8", shape=list(x.shape))
+    resp = stub.ModelInfer(raw)
+    assert resp.id == "r1" and [o.name for o in resp.outputs] == ["logits", "probabilities"]
+    probs = np.frombuffer(resp.raw_output_contents[1], "<f4").reshape(5, 10)
+    np.testing.assert_allclose(probs, ort_probs[:5], atol=1e-6)
+
+    typed = v2.ModelInferRequest(model_name=MODEL, model_version="1")
+    t = typed.inputs.add(name="images", datatype="UINT8", shape=list(x.shape))
+    t.contents.uint_contents.extend(x.ravel().tolist())
+    typed.outputs.add(name="probabilities")
+    c = typed.outputs.add(name="probabilities")
+    c.parameters["classification"].int64_param = 2
+    resp = stub.ModelInfer(typed)
+    np.testing.assert_allclose(
+        np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(5, 10), ort_probs[:5], atol=1e-6
+    )
+    first = resp.raw_output_contents[1]
+    n = int.from_bytes(first[:4], "little")
+    value, index, label = first[4 : 4 + n].decode().split(":", 2)
+    assert int(index) == ort_probs[0].argmax() and abs(float(value) - ort_probs[0].max()) < 1e-5
+    assert resp.outputs[1].datatype == "BYTES" and list(resp.outputs[1].shape) == [5, 2]
+
+
+def test_v2_metadata_and_readiness(server):
+    stub = v2_grpc.GRPCInferenceServiceStub(server.channel())
+    assert stub.ServerLive(v2.ServerLiveRequest()).live
+    assert stub.ServerReady(v2.ServerReadyRequest()).ready
+    assert stub.ModelReady(v2.ModelReadyRequest(name=MODEL)).ready
+    assert not stub.ModelReady(v2.ModelReadyRequest(name=MODEL, version="7")).ready
+    meta = stub.ModelMetadata(v2.ModelMetadataRequest(name=MODEL))
+    assert meta.platform == "onnxruntime_onnx" and list(meta.versions) == ["1"]
+    assert meta.inputs[0].datatype == "UINT8" and list(meta.inputs[0].shape) == [-1, 1, 28, 28]
+    assert stub.ServerMetadata(v2.ServerMetadataRequest()).name == "convserve"
+
+
+TRITON_SCRIPT = r"""
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+x = np.load(sys.argv[2])
+c = grpcclient.InferenceServerClient(sys.argv[1])
+assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(sys.argv[3])
+inp = grpcclient.InferInput("images", list(x.shape), "UINT8")
+inp.set_data_from_numpy(x)
+out = [grpcclient.InferRequestedOutput("probabilities"),
+       grpcclient.InferRequestedOutput("logits", class_count=3)]
+r = c.infer(sys.argv[3], [inp], outputs=out)
+np.save(sys.argv[4], r.as_numpy("probabilities"))
+print(json.dumps({"top": [s.decode() for s in r.as_numpy("logits")[0]],
+                  "meta": c.get_model_metadata(sys.argv[3], as_json=True)}))
+"""
+
+
+def test_tritonclient_gets_the_same_probabilities_as_onnx_runtime(
+    server, fashion_test, ort_probs, tmp_path, tritonclient_python
+):
+    x = fashion_test.images[:16]
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "triton_check.py"
+    script.write_text(TRITON_SCRIPT)
+    out = subprocess.run(
+        [
+            tritonclient_python,
+            str(script),
+            server.target,
+            str(tmp_path / "x.npy"),
+            MODEL,
+            str(tmp_path / "p.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), ort_probs[:16], atol=1e-6)
+    result = json.loads(out.stdout)
+    assert len(result["top"]) == 3 and result["meta"]["platform"] == "onnxruntime_onnx"
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 400 Mpixel, ~60 KB
+    return buf.getvalue()
+
+
+def _truncated_png(fashion_test) -> bytes:
+    return png(fashion_test.images[0])[:60]
+
+
+BAD_REQUESTS = {
+    "undecodable bytes": lambda t: pb.PredictRequest(images=[pb.Image(encoded=b"not an image")]),
+    "truncated png": lambda t: pb.PredictRequest(images=[pb.Image(encoded=_truncated_png(t))]),
+    "decompression bomb": lambda t: pb.PredictRequest(images=[pb.Image(encoded=_bomb())]),
+    "wrong tensor shape": lambda t: pb.PredictRequest(
+        images=[tensor(t.images[0], shape=[1, 27, 29])]
+    ),
+    "wrong dtype": lambda t: pb.PredictRequest(
+        images=[tensor(t.images[0], pb.DATA_TYPE_UNSPECIFIED)]
+    ),
+    "wrong byte length": lambda t: pb.PredictRequest(
+        images=[tensor(t.images[0], data=t.images[0].tobytes()[:-1])]
+    ),
+    "empty request": lambda t: pb.PredictRequest(),
+    "empty image": lambda t: pb.PredictRequest(images=[pb.Image()]),
+    "too many images": lambda t: pb.PredictRequest(images=[tensor(t.images[0])] * 301),
+    "nan in float input": lambda t: pb.PredictRequest(
+        images=[tensor(np.full((1, 28, 28), np.nan, np.float32), pb.FLOAT32)]
+    ),
+    "float out of range": lambda t: pb.PredictRequest(
+        images=[tensor(np.full((1, 28, 28), 300.0, np.float32), pb.FLOAT32)]
+    ),
+    "negative top_k": lambda t: pb.PredictRequest(images=[tensor(t.images[0])], top_k=-1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_gets_invalid_argument_and_the_next_good_request_succeeds(
+    server, fashion_test, case
+):
+    stub = pb_grpc.ClassifierStub(server.channel())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(BAD_REQUESTS[case](fashion_test), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details()
+    ok = stub.Predict(pb.PredictRequest(images=[tensor(fashion_test.images[0])]), timeout=30)
+    assert len(ok.predictions) == 1
+
+
+def test_unknown_model_or_version_is_not_found(server, fashion_test):
+    stub = pb_grpc.ClassifierStub(server.channel())
+    img = [tensor(fashion_test.images[0])]
+    for req in (
+        pb.PredictRequest(model="nope", images=img),
+        pb.PredictRequest(model=MODEL, version=9, images=img),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(req)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_message_over_the_limit_is_resource_exhausted(server, fashion_test):
+    stub = pb_grpc.ClassifierStub(server.channel())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(pb.PredictRequest(images=[pb.Image(encoded=b"\0" * 2_100_000)]))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.Predict(pb.PredictRequest(images=[tensor(fashion_test.images[0])])).predictions
+
+
+def test_v2_bad_tensors_get_invalid_argument(server, fashion_test):
+    stub = v2_grpc.GRPCInferenceServiceStub(server.channel())
+    x = fashion_test.images[:2]
+    cases = []
+    for shape, dtype, data in (
+        ([2, 1, 28, 28], "UINT8", x.tobytes()[:-3]),
+        ([2, 28, 28], "UINT8", x.tobytes()),
+        ([2, 1, 28, 28], "INT64", x.tobytes()),
+    ):
+        r = v2.ModelInferRequest(model_name=MODEL, raw_input_contents=[data])
+        r.inputs.add(name="images", datatype=dtype, shape=shape)
+        cases.append(r)
+    for r in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(r)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ----------------------------------------------------------------------------- health, reflection
+def test_health_is_serving_and_reflection_lists_every_service(server):
+    ch = server.channel()
+    health = health_pb2_grpc.HealthStub(ch)
+    for name in ("", "convserve.v1.Classifier", "inference.GRPCInferenceService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=name)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {
+        "convserve.v1.Classifier",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+    } <= services
+
+
+def test_health_is_not_serving_until_a_model_loads(tmp_path, model_repository):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = start_server(repo, tmp_path, "--poll-interval", "0.2", wait=False)
+    try:
+        deadline = time.monotonic() + 30
+        from serving.probe import check
+
+        while check(server.target) == "UNREACHABLE" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert check(server.target) == "NOT_SERVING"
+        shutil.copytree(model_repository / MODEL, repo / MODEL)
+        from tests.serving_helpers import wait_serving
+
+        wait_serving(server, 30)
+    finally:
+        assert server.stop() == 0
+
+
+# ----------------------------------------------------------------------------- load shedding
+def test_full_queue_sheds_with_resource_exhausted(model_repository, tmp_path, fashion_test):
+    with running_server(
+        model_repository,
+        tmp_path,
+        "--max-batch-size",
+        "4",
+        "--max-queue-size",
+        "300",
+        "--max-images-per-request",
+        "300",
+    ) as s:
+        stub = pb_grpc.ClassifierStub(s.channel())
+        big = pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:280]])
+        first = stub.Predict.future(big)
+        time.sleep(0.05)  # the first request's rows now fill most of the queue
+        codes = []
+        for _ in range(5):
+            try:
+                stub.Predict(big)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+        assert len(first.result().predictions) == 280
+        assert "RESOURCE_EXHAUSTED" in codes
+        assert (
+            metric_value(s.metrics(), "convserve_rejected_requests_total", reason="queue_full") >= 1
+        )
+        assert stub.Predict(pb.PredictRequest(images=[tensor(fashion_test.images[0])]))
+
+
+def test_expired_deadlines_never_run(model_repository, tmp_path, fashion_test):
+    with running_server(
+        model_repository, tmp_path, "--max-batch-size", "2", "--max-images-per-request", "300"
+    ) as s:
+        stub = pb_grpc.ClassifierStub(s.channel())
+        big = stub.Predict.future(
+            pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:300]])
+        )
+        time.sleep(0.02)
+        expired = 0
+        for _ in range(10):  # each waits behind 300 rows in batches of 2: its deadline passes
+            try:
+                stub.Predict(
+                    pb.PredictRequest(images=[tensor(fashion_test.images[0])]), timeout=0.01
+                )
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                expired += 1
+        assert len(big.result().predictions) == 300
+        time.sleep(0.3)
+        items = metric_value(s.metrics(), "convserve_inference_items_total")
+        assert expired >= 8
+        assert items == 300 + (10 - expired), "an expired request was computed"
+
+
+# ----------------------------------------------------------------------------- hot swap
+def _publish(src: Path, dst_model: Path, version: int) -> None:
+    tmp = dst_model / f".tmp-{version}"
+    shutil.copytree(src, tmp)
+    tmp.rename(dst_model / str(version))  # atomic, as the exporter does
+
+
+def test_hot_swap_under_load_loses_nothing_and_a_broken_version_leaves_the_old(
+    model_repository, tmp_path, fashion_test
+):
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository, repo)
+    with running_server(repo, tmp_path, "--poll-interval", "0.1") as s:
+        stop = threading.Event()
+        seen: list[int] = []
+        errors: list[str] = []
+
+        def load() -> None:
+            with Client(s.target) as c:
+                while not stop.is_set():
+                    try:
+                        seen.append(c.predict([fashion_test.images[0]])[0].version)
+                    except PredictionError as exc:
+                        errors.append(str(exc))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        _publish(repo / MODEL / "1", repo / MODEL, 2)
+        deadline = time.monotonic() + 30
+        while (not seen or seen[-1] != 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        broken = tmp_path / "broken"
+        shutil.copytree(repo / MODEL / "1", broken)
+        (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
+        _publish(broken, repo / MODEL, 3)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert 1 in seen and seen[-1] == 2
+        assert Client(s.target).model_info()["version"] == 2
+        text = s.metrics()
+        assert metric_value(text, "convserve_model_swaps_total", model=MODEL) == 1
+        assert metric_value(text, "convserve_model_load_failures_total", model=MODEL) == 1
+        assert "refused fashion-mnist version 3" in s.log()
+
+
+# ----------------------------------------------------------------------------- shutdown
+def test_sigterm_under_load_completes_every_admitted_request(
+    model_repository, tmp_path, fashion_test
+):
+    s = start_server(
+        model_repository, tmp_path, "--max-batch-size", "8", "--max-images-per-request", "300"
+    )
+    stub = pb_grpc.ClassifierStub(s.channel())
+    calls = [
+        stub.Predict.future(
+            pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:200]])
+        )
+        for _ in range(6)
+    ]
+    time.sleep(0.2)
+    assert s.stop() == 0
+    for call in calls:
+        assert len(call.result().predictions) == 200
+    assert "draining" in s.log()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(pb.PredictRequest(images=[tensor(fashion_test.images[0])]), timeout=2)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# ----------------------------------------------------------------------------- devices, workers
+def test_explicit_cuda_without_cuda_fails_at_start_with_the_reason(model_repository, tmp_path):
+    s = start_server(model_repository, tmp_path, "--device", "cuda", wait=False)
+    assert s.proc.wait(60) != 0
+    assert "--device cuda was requested but CUDAExecutionProvider" in s.log()
+
+
+def test_auto_device_falls_back_to_cpu_loudly_and_reports_it(model_repository, tmp_path):
+    with running_server(model_repository, tmp_path, "--device", "auto") as s:
+        assert Client(s.target).model_info()["execution_provider"] == "CPUExecutionProvider"
+        assert "FALLBACK" in s.log()
+        text = s.metrics()
+        assert metric_value(text, "convserve_execution_provider_fallback", model=MODEL) == 1
+        assert metric_value(text, "convserve_model_info", provider="CPUExecutionProvider") == 1
+
+
+def test_two_workers_share_the_port(model_repository, tmp_path, fashion_test):
+    with running_server(model_repository, tmp_path, "--workers", "2") as s:
+        for _ in range(8):  # new channels: SO_REUSEPORT spreads connections
+            with Client(s.target) as c:
+                assert c.predict([fashion_test.images[0]])[0].version == 1
+        time.sleep(1.5)
+        text = s.metrics()
+        assert metric_value(text, "convserve_requests_total", method="Predict", code="OK") == 8
+        pids = {
+            line.split('pid="')[1].split('"')[0]
+            for line in text.splitlines()
+            if line.startswith("convserve_process_resident_memory_bytes{")
+        }
+        assert len(pids) == 2
+
+
+def test_serving_never_imports_torch():
+    code = "import sys, serving.server, serving.client; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
