@@ -221,6 +221,7 @@ def test_v2_model_infer_raw_and_typed_contents_match_onnx_runtime(server, fashio
     n = int.from_bytes(first[:4], "little")
     value, index, label = first[4 : 4 + n].decode().split(":", 2)
     assert int(index) == ort_probs[0].argmax() and abs(float(value) - ort_probs[0].max()) < 1e-5
+    assert label == Client(server.target).model_info()["labels"][int(index)]
     assert resp.outputs[1].datatype == "BYTES" and list(resp.outputs[1].shape) == [5, 2]
 
 

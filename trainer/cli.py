@@ -1,4 +1,4 @@
-"""Command-line entry points: `cnn-train` (and, later, `cnn-export`)."""
+"""Command-line entry points: `cnn-train` and `cnn-export`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def setup_logging(quiet: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The ONNX exporter's graph passes log every step at INFO; only their warnings matter here.
+    for noisy in ("onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -61,6 +68,83 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         f"test accuracy {result.test_accuracy:.4f} after {result.epochs_run} epochs "
         f"({result.train_seconds:.0f}s, {result.images_per_s:.0f} img/s); "
         f"results in {result.run_dir / 'results.json'}"
+    )
+    if args.no_export or not recipe.export.enabled:
+        return 0
+    from trainer.export import ExportError, export_checkpoint
+
+    ex = recipe.export
+    try:
+        exported = export_checkpoint(
+            result.run_dir,
+            ex.repository,
+            ex.name or recipe.name,
+            opset=ex.opset,
+            optimize=ex.optimize,
+            int8=ex.int8,
+            fp16=ex.fp16,
+            max_accuracy_drop=ex.max_accuracy_drop,
+        )
+    except ExportError as exc:
+        print(f"cnn-train: error: export failed: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"exported {exported.version_dir}")
+    return 0
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnn-export",
+        description="Export a training checkpoint to ONNX as a new model version: "
+        "REPOSITORY/NAME/VERSION/model.onnx + manifest.json (+ optional variants).",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory")
+    p.add_argument("--repository", required=True, help="model repository folder")
+    p.add_argument("--name", help="model name (default: the recipe's export.name, else its name)")
+    p.add_argument("--version", type=int, help="version number (default: the next free one)")
+    p.add_argument("--quantize", choices=["int8"], help="also write a static INT8 variant")
+    p.add_argument("--fp16", action="store_true", help="also write a float16 variant")
+    p.add_argument(
+        "--no-optimize", action="store_true", help="skip the ORT-optimised variant model.opt.onnx"
+    )
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, at least 18 (default 18)")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="reject variants more than P test-accuracy points below fp32 (default 0.5)",
+    )
+    p.add_argument("--data-dir", help="folder holding the dataset's files (for the parity check)")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
+    return p
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    args = _export_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    from trainer.export import ExportError, export_checkpoint
+
+    try:
+        result = export_checkpoint(
+            args.checkpoint,
+            args.repository,
+            args.name,
+            version=args.version,
+            opset=args.opset,
+            optimize=not args.no_optimize,
+            int8=args.quantize == "int8",
+            fp16=args.fp16,
+            max_accuracy_drop=args.max_accuracy_drop,
+            data_dir=args.data_dir,
+        )
+    except ExportError as exc:
+        print(f"cnn-export: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    m = result.manifest
+    print(
+        f"exported {result.version_dir} (test accuracy {m['test_accuracy']:.4f}, "
+        f"variants: {', '.join(m['variants']) or 'none'})"
     )
     return 0
 
