@@ -24,8 +24,8 @@ proto: $(STAMP)  ## regenerate serving/proto/ from protos/ (commit the result)
 data: $(STAMP)  ## get the datasets (Debian package when possible, else verified download)
 	bash scripts/get-data.sh $(PY)
 
-demo: install data  ## train the default Fashion-MNIST recipe and evaluate it on the test set
-	$(VENV)/bin/cnn-train --recipe fashion_mnist --out $(DEMO_DIR)
+demo: install data  ## train (short), export, serve, classify test images over gRPC, stop
+	DEMO_DIR=$(DEMO_DIR) VENV=$(VENV) bash scripts/demo.sh
 
 TRITON_VENV := .venv-tritonclient
 
@@ -49,7 +49,10 @@ format: install
 bench-train: install data  ## trainer vs a minimal hand-written loop; writes bench/results/train_fashion.json
 	$(PY) bench/train_fashion.py --out bench/results/train_fashion.json
 
-bench: bench-train
+bench-export: install data  ## ORT CPU images/s of the fp32, optimised and INT8 exports; writes bench/results/export.json
+	$(PY) bench/export_bench.py --out bench/results/export.json
+
+bench: bench-train bench-export
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

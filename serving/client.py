@@ -12,16 +12,21 @@ pixel values 0..255, shaped (H, W), (C, H, W) or (H, W, C)).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
+import random
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tqdm import tqdm
 
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -108,14 +113,152 @@ def _prediction(resp: pb.PredictResponse) -> list[Prediction]:
     ]
 
 
-class Client:
-    """Synchronous client. `timeout` is each call's deadline in seconds."""
+@dataclass(frozen=True)
+class TLS:
+    """TLS settings: the CA that signed the server's certificate, and for mutual TLS the
+    client's own certificate and key (PEM files)."""
 
-    def __init__(self, target: str, *, timeout: float | None = 30.0):
-        self.target = target
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None  # override the name checked in the server certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """`host:port`, a `dns:///name:port` target, or a list of `ip:port` addresses."""
+    if isinstance(target, str):
+        return target
+    return "ipv4:" + ",".join(target)
+
+
+def channel_options(
+    load_balancing: str | None, tls: TLS | None, max_message_bytes: int
+) -> list[tuple[str, object]]:
+    opts: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if load_balancing:
+        config = {"loadBalancingConfig": [{load_balancing: {}}]}
+        opts.append(("grpc.service_config", json.dumps(config)))
+    if tls is not None and tls.server_name:
+        opts.append(("grpc.ssl_target_name_override", tls.server_name))
+    return opts
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retries with full-jitter exponential backoff, on UNAVAILABLE only (the one status
+    that says the request was not processed and another try may succeed)."""
+
+    attempts: int = 3
+    backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
+
+
+def _request(images: Sequence[Any], top_k: int, model: str, version: int) -> pb.PredictRequest:
+    return pb.PredictRequest(
+        model=model, version=version, top_k=top_k, images=[to_image(i) for i in images]
+    )
+
+
+def _info(info: pb.ModelInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "versions": list(info.versions),
+        "labels": list(info.labels),
+        "input": {
+            "channels": info.input.channels,
+            "height": info.input.height,
+            "width": info.input.width,
+        },
+        "execution_provider": info.execution_provider,
+        "requested_device": info.requested_device,
+        "max_batch_size": info.max_batch_size,
+        "manifest": json.loads(info.manifest_json or "{}"),
+    }
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = 30.0,
+        tls: TLS | None = None,
+        retry: Retry = Retry(),
+        load_balancing: str | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        metadata: Sequence[tuple[str, str]] = (),
+    ):
+        self.target = channel_target(target)
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target)
+        self.retry = retry
+        self.metadata = tuple(metadata)
+        if load_balancing is None and not isinstance(target, str):
+            load_balancing = "round_robin"
+        self._opts = channel_options(load_balancing, tls, max_message_bytes)
+        self._creds = tls.credentials() if tls is not None else None
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        t = timeout if timeout is not None else self.timeout
+        return None if t is None else time.monotonic() + t
+
+    def _attempt_timeout(self, deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PredictionError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+        return left
+
+    def _should_retry(self, exc: grpc.RpcError, attempt: int, deadline: float | None) -> float:
+        """Seconds to wait before the next attempt, or -1 to give up."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 >= self.retry.attempts:
+            return -1
+        wait = self.retry.delay(attempt)
+        if deadline is not None and time.monotonic() + wait >= deadline:
+            return -1
+        return wait
+
+
+class Client(_Base):
+    """Synchronous client. `timeout` is each call's deadline in seconds (retries included).
+
+    `target` is `host:port`, `dns:///name:port` (with `load_balancing="round_robin"` to
+    spread calls over every address of a headless Service) or a list of `ip:port`.
+    """
+
+    def __init__(self, target: str | Sequence[str], **kw: Any):
+        super().__init__(target, **kw)
+        if self._creds is None:
+            self.channel = grpc.insecure_channel(self.target, options=self._opts)
+        else:
+            self.channel = grpc.secure_channel(self.target, self._creds, options=self._opts)
         self.stub = pb_grpc.ClassifierStub(self.channel)
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return method(
+                    request, timeout=self._attempt_timeout(deadline), metadata=self.metadata
+                )
+            except grpc.RpcError as exc:
+                wait = self._should_retry(exc, attempt, deadline)
+                if wait < 0:
+                    raise PredictionError(exc.code(), exc.details()) from None
+                time.sleep(wait)
+                attempt += 1
 
     def predict(
         self,
@@ -126,35 +269,39 @@ class Client:
         version: int = 0,
         timeout: float | None = None,
     ) -> list[Prediction]:
-        req = pb.PredictRequest(
-            model=model, version=version, top_k=top_k, images=[to_image(i) for i in images]
-        )
+        """Classify `images` in one request; one Prediction per image, in order."""
+        req = _request(images, top_k, model, version)
+        return _prediction(self._call(self.stub.Predict, req, timeout))
+
+    def predict_stream(
+        self,
+        batches: Iterable[Sequence[Any]],
+        top_k: int = 1,
+        *,
+        model: str = "",
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[list[Prediction]]:
+        """Many requests over one stream: yields one list of predictions per batch, in order."""
+        reqs = (_request(b, top_k, model, version) for b in batches)
         try:
-            resp = self.stub.Predict(req, timeout=timeout or self.timeout)
+            for resp in self.stub.PredictStream(
+                reqs, timeout=timeout or self.timeout, metadata=self.metadata
+            ):
+                yield _prediction(resp)
         except grpc.RpcError as exc:
             raise PredictionError(exc.code(), exc.details()) from None
-        return _prediction(resp)
 
     def model_info(self, model: str = "", version: int = 0) -> dict[str, Any]:
-        try:
-            info = self.stub.GetModelInfo(
-                pb.ModelInfoRequest(model=model, version=version), timeout=self.timeout
-            )
-        except grpc.RpcError as exc:
-            raise PredictionError(exc.code(), exc.details()) from None
-        return {
-            "name": info.name,
-            "version": info.version,
-            "versions": list(info.versions),
-            "labels": list(info.labels),
-            "input": {
-                "channels": info.input.channels,
-                "height": info.input.height,
-                "width": info.input.width,
-            },
-            "execution_provider": info.execution_provider,
-            "manifest": json.loads(info.manifest_json or "{}"),
-        }
+        req = pb.ModelInfoRequest(model=model, version=version)
+        return _info(self._call(self.stub.GetModelInfo, req, None))
+
+    def health(self, service: str = "") -> str:
+        """grpc.health.v1 status name: SERVING, NOT_SERVING, ..."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        req = health_pb2.HealthCheckRequest(service=service)
+        resp = self._call(stub.Check, req, None)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def close(self) -> None:
         self.channel.close()
@@ -164,6 +311,89 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of Client (same arguments, same results, awaitable)."""
+
+    def __init__(self, target: str | Sequence[str], **kw: Any):
+        super().__init__(target, **kw)
+        if self._creds is None:
+            self.channel = grpc.aio.insecure_channel(self.target, options=self._opts)
+        else:
+            self.channel = grpc.aio.secure_channel(self.target, self._creds, options=self._opts)
+        self.stub = pb_grpc.ClassifierStub(self.channel)
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        deadline = self._deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                return await method(
+                    request, timeout=self._attempt_timeout(deadline), metadata=self.metadata
+                )
+            except grpc.RpcError as exc:
+                wait = self._should_retry(exc, attempt, deadline)
+                if wait < 0:
+                    raise PredictionError(exc.code(), exc.details()) from None
+                await asyncio.sleep(wait)
+                attempt += 1
+
+    async def predict(
+        self,
+        images: Sequence[Any],
+        top_k: int = 1,
+        *,
+        model: str = "",
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> list[Prediction]:
+        req = _request(images, top_k, model, version)
+        return _prediction(await self._call(self.stub.Predict, req, timeout))
+
+    async def predict_stream(
+        self,
+        batches: Iterable[Sequence[Any]] | AsyncIterator[Sequence[Any]],
+        top_k: int = 1,
+        *,
+        model: str = "",
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[list[Prediction]]:
+        async def reqs() -> AsyncIterator[pb.PredictRequest]:
+            if hasattr(batches, "__aiter__"):
+                async for b in batches:  # type: ignore[union-attr]
+                    yield _request(b, top_k, model, version)
+            else:
+                for b in batches:  # type: ignore[union-attr]
+                    yield _request(b, top_k, model, version)
+
+        call = self.stub.PredictStream(
+            reqs(), timeout=timeout or self.timeout, metadata=self.metadata
+        )
+        try:
+            async for resp in call:
+                yield _prediction(resp)
+        except grpc.RpcError as exc:
+            raise PredictionError(exc.code(), exc.details()) from None
+
+    async def model_info(self, model: str = "", version: int = 0) -> dict[str, Any]:
+        req = pb.ModelInfoRequest(model=model, version=version)
+        return _info(await self._call(self.stub.GetModelInfo, req, None))
+
+    async def health(self, service: str = "") -> str:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), None)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 # ----------------------------------------------------------------------------- cnn-predict
@@ -197,8 +427,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per request")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--model", default="", help="model name (when the server serves several)")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
     args = p.parse_args(argv)
+    tls = TLS(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca or args.tls_cert else None
     try:
         files = find_images(args.paths)
     except FileNotFoundError as exc:
@@ -208,7 +443,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         print("cnn-predict: no images found", file=sys.stderr)
         return 2
     correct = known = 0
-    with Client(args.server, timeout=args.timeout) as client:
+    show = not args.no_progress and len(files) > args.batch_size and sys.stderr.isatty()
+    bar = tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr)
+    with Client(args.server, timeout=args.timeout, tls=tls) as client, bar:
         try:
             labels = client.model_info(args.model)["labels"]
             for start in range(0, len(files), args.batch_size):
@@ -220,6 +457,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                     if truth is not None:
                         known += 1
                         correct += pred.index == truth
+                bar.update(len(chunk))
         except PredictionError as exc:
             print(f"cnn-predict: {exc}", file=sys.stderr)
             return 1

@@ -20,6 +20,12 @@ class ModelNotFound(ServingError):
     reason = "not_found"
 
 
+class NotReady(ServingError):
+    """No model is loaded yet (start-up, or nothing valid in the repository)."""
+
+    reason = "not_ready"
+
+
 class QueueFull(ServingError):
     """Load shedding: the model's queue is at --max-queue-size."""
 

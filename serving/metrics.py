@@ -191,6 +191,8 @@ class Metrics:
             multiprocess_mode="liveall",
         )
 
+        self.update_process()
+
     def model_observer(self, model: str, version: int) -> ModelObserver:
         return ModelObserver(self, model, str(version))
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from serving.batcher import BatchConfig, Batcher, BatchObserver
 from serving.codec import InputSpec
-from serving.errors import DeviceUnavailable, ModelLoadError, ModelNotFound
+from serving.errors import DeviceUnavailable, ModelLoadError, ModelNotFound, NotReady
 from serving.runtime import RuntimeOptions, Session
 
 log = logging.getLogger("convserve.repository")
@@ -154,6 +154,8 @@ class ModelRepository:
 
     def get(self, name: str | None = None, version: int | None = None) -> ModelVersion:
         """The version to run (latest loaded when `version` is None or 0)."""
+        if not self._models:
+            raise NotReady("no model is loaded yet; retry shortly")
         if not name:
             if len(self._models) != 1:
                 names = ", ".join(self.names()) or "none loaded"

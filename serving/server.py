@@ -206,9 +206,14 @@ async def serve(config: ServerConfig, registry: CollectorRegistry | None = None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()  # health answers NOT_SERVING while models load
+    if config.reuse_port:
+        # A worker sharing the port must not take connections before its models are warm.
+        await app.start()
+        await server.start()
+    else:
+        await server.start()  # health answers NOT_SERVING while models load
+        await app.start()
     log.info("listening on %s:%d (pid %d)", config.host, port, os.getpid())
-    await app.start()
     if not app.repository.ready:
         log.error(
             "no model is loaded yet from %s (%s)",

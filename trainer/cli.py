@@ -21,9 +21,11 @@ def setup_logging(quiet: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # The ONNX exporter's graph passes log every step at INFO; only their warnings matter here.
+    # The ONNX exporter's graph passes log every step at INFO, and torch warns that torchvision
+    # (whose detection ops we never export) is missing: neither tells a user anything.
     for noisy in ("onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def _one_line(exc: BaseException) -> str:

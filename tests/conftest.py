@@ -1,0 +1,54 @@
+"""Session fixtures every test file may share: one short Fashion-MNIST run, exported once.
+
+The names are a contract between test files (export, serving, metrics, client):
+`fashion_run` is a finished run directory, `model_repository` a model repository holding it as
+`fashion-mnist` version 1 with the ORT-optimised and INT8 variants.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# A small stride-2 CNN: two epochs reach about 0.89 test accuracy in well under a minute on
+# 2 CPU cores (no augmentation, no EMA, plain NCHW; the validation split picks best.pt).
+FASHION_FAST = [
+    "model.preset=null",
+    "model.layers=[{type: conv, filters: 16, stride: 2, bn: false},"
+    " {type: conv, filters: 32, stride: 2, bn: false},"
+    " {type: flatten}, {type: linear, units: 64}]",
+    "train.epochs=2",
+    "train.batch_size=128",
+    "train.ema_decay=null",
+    "train.channels_last=false",
+    "data.val_size=2000",
+    "data.download=false",
+    "augment.crop_padding=0",
+    "augment.flip=false",
+]
+
+
+@pytest.fixture(scope="session")
+def fashion_run(tmp_path_factory) -> Path:
+    """A run directory (checkpoints/best.pt, results.json, ...) of a quick Fashion-MNIST run."""
+    from trainer.data import DataError
+    from trainer.engine import fit
+    from trainer.recipe import load_recipe
+
+    run_dir = tmp_path_factory.mktemp("fashion_run")
+    try:
+        fit(load_recipe("fashion_mnist", FASHION_FAST), run_dir, quiet=True)
+    except DataError as exc:
+        pytest.skip(f"Fashion-MNIST is not available (run `make data`): {exc}")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def model_repository(fashion_run, tmp_path_factory) -> Path:
+    """A model repository with `fashion-mnist/1` (model.onnx, model.opt.onnx, model.int8.onnx)."""
+    from trainer.export import export_checkpoint
+
+    repo = tmp_path_factory.mktemp("models")
+    export_checkpoint(fashion_run, repo, "fashion-mnist", version=1, optimize=True, int8=True)
+    return repo

@@ -1,0 +1,492 @@
+"""Metrics end to end: the Prometheus rules and the Grafana dashboard are valid, a real
+Prometheus scrapes a real server and sees exactly the workload that was sent, and with
+`--workers N` the parent's /metrics is the exact sum over workers, keeps a dead worker's
+counts and drops its live gauges."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.proto.convserve.v1 import classifier_pb2 as pb
+from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from tests.serving_helpers import ROOT, ServerProcess, free_port, metric_value, running_server
+
+MODEL = "fashion-mnist"
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "convserve.json"
+RULE_FILES = sorted(PROMETHEUS_DIR.glob("rules/*.yml"))
+PROCESS_GAUGES = (
+    "convserve_process_cpu_seconds",
+    "convserve_process_resident_memory_bytes",
+    "convserve_process_open_fds",
+)
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 20.0, every: float = 0.2) -> Any:
+    """Poll `fn` until it returns something truthy; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if result := fn():
+                return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+# ----------------------------------------------------------------------------- promtool
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("promtool")
+    assert exe, "promtool is missing: `apt-get install prometheus` (.ci/run installs it)"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_prometheus_config_is_valid():
+    r = promtool("check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_rule_files_are_valid():
+    assert [p.name for p in RULE_FILES] == ["alerts.yml", "recording.yml"]
+    r = promtool("check", "rules", *map(str, RULE_FILES))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_rule_unit_tests_pass():
+    tests = sorted(PROMETHEUS_DIR.glob("tests/*.yml"))
+    assert tests
+    r = promtool("test", "rules", *map(str, tests))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def recorded_names() -> set[str]:
+    return {m for p in RULE_FILES for m in re.findall(r"record: (\S+)", p.read_text())}
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL query of the dashboard, Grafana variables replaced by test values."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    subs = {"$job": "convserve", "$__rate_interval": "1m"}
+    for k, v in subs.items():
+        exprs = [e.replace(k, v) for e in exprs]
+    return exprs
+
+
+def test_dashboard_is_json_and_reads_only_recording_rules_that_exist():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "convserve" and dash["panels"]
+    used = {m for e in dashboard_queries() for m in re.findall(r"\bjob_[a-z_]+:[a-z_:0-9]+", e)}
+    assert used, "the dashboard should read the recording rules"
+    assert used <= recorded_names(), f"unknown recording rules: {used - recorded_names()}"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+# ----------------------------------------------------------------------------- workload
+@dataclass(frozen=True)
+class Workload:
+    """A known mix of RPCs: good Predicts (the i-th carries 1 + i % 4 images, counting
+    from `start`), bad image bytes (INVALID_ARGUMENT), an unknown model (NOT_FOUND) and
+    GetModelInfo calls."""
+
+    ok: int = 37
+    invalid: int = 5
+    not_found: int = 3
+    model_info: int = 2
+    start: int = 0
+
+    @property
+    def images(self) -> int:
+        return sum(1 + i % 4 for i in range(self.start, self.start + self.ok))
+
+    @property
+    def requests(self) -> dict[tuple[str, str], int]:
+        return {
+            ("Predict", "OK"): self.ok,
+            ("Predict", "INVALID_ARGUMENT"): self.invalid,
+            ("Predict", "NOT_FOUND"): self.not_found,
+            ("GetModelInfo", "OK"): self.model_info,
+        }
+
+    def then(self, **counts: int) -> Workload:
+        """The workload that follows this one (its Predicts numbered on from ours)."""
+        return Workload(**counts, start=self.start + self.ok)
+
+    def __add__(self, later: Workload) -> Workload:
+        assert later.start == self.start + self.ok
+        return Workload(
+            self.ok + later.ok,
+            self.invalid + later.invalid,
+            self.not_found + later.not_found,
+            self.model_info + later.model_info,
+            self.start,
+        )
+
+    def send(self, stub: pb_grpc.ClassifierStub) -> None:
+        rng = np.random.default_rng(self.start)
+        for i in range(self.start, self.start + self.ok):
+            x = rng.integers(0, 256, (1 + i % 4, 1, 28, 28), dtype=np.uint8)
+            images = [
+                pb.Image(tensor=pb.Tensor(dtype=pb.UINT8, shape=[1, 28, 28], data=r.tobytes()))
+                for r in x
+            ]
+            assert len(
+                stub.Predict(pb.PredictRequest(images=images), timeout=10).predictions
+            ) == len(x)
+        bad_bytes = pb.PredictRequest(images=[pb.Image(encoded=b"not an image")])
+        no_model = pb.PredictRequest(model="no-such-model", images=[pb.Image(encoded=b"x")])
+        for req, code, n in (
+            (bad_bytes, grpc.StatusCode.INVALID_ARGUMENT, self.invalid),
+            (no_model, grpc.StatusCode.NOT_FOUND, self.not_found),
+        ):
+            for _ in range(n):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Predict(req, timeout=10)
+                assert err.value.code() == code, err.value.details()
+        for _ in range(self.model_info):
+            assert stub.GetModelInfo(pb.ModelInfoRequest(), timeout=10).name == MODEL
+
+
+def new_channel(target: str) -> grpc.Channel:
+    # A local subchannel pool: each channel opens its own connection (grpc otherwise shares
+    # one between channels with the same target), so SO_REUSEPORT can spread them.
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (s.labels, s.value)
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name
+    ]
+
+
+def requests_by_method_code(text: str) -> dict[tuple[str, str], int]:
+    return {
+        (lab["method"], lab["code"]): int(v)
+        for lab, v in samples(text, "convserve_requests_total")
+        if v
+    }
+
+
+def worker_pids(text: str, gauge: str) -> set[str]:
+    return {lab["pid"] for lab, _ in samples(text, gauge)}
+
+
+# ----------------------------------------------------------------------------- a real Prometheus
+class Prometheus:
+    """A real `prometheus` process scraping one target every second, with our rule files."""
+
+    def __init__(self, tmp: Path, target: str):
+        exe = shutil.which("prometheus")
+        assert exe, "prometheus is missing: `apt-get install prometheus` (.ci/run installs it)"
+        config = {  # JSON is YAML
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "rule_files": [str(p) for p in RULE_FILES],
+            "scrape_configs": [
+                {"job_name": "convserve", "static_configs": [{"targets": [target]}]}
+            ],
+        }
+        (tmp / "prometheus.yml").write_text(json.dumps(config))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = tmp / "prometheus.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [
+                    exe,
+                    f"--config.file={tmp / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp / 'data'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def get(self, path: str, **params: str) -> Any:
+        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = r.read().decode()
+        return json.loads(body) if path.startswith("/api/") else body
+
+    def query(self, expr: str) -> list[dict]:
+        try:
+            out = self.get("/api/v1/query", query=expr)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (400, 422):  # a bad query: say why, and do not retry
+                raise AssertionError(f"{expr}: {exc.read().decode()}") from None
+            raise
+        assert out["status"] == "success", out
+        return out["data"]["result"]
+
+    def value(self, expr: str) -> float:
+        (result,) = self.query(expr)
+        return float(result["value"][1])
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            return "Ready" in self.get("/-/ready")
+
+        wait_for("Prometheus /-/ready", ready, timeout=30)
+        targets = lambda: self.get("/api/v1/targets")["data"]["activeTargets"]  # noqa: E731
+        wait_for("the target to be up", lambda: any(t["health"] == "up" for t in targets()))
+        wait_for("a first stored scrape", lambda: self.query('up{job="convserve"} == 1'))
+
+    def wait_scrapes_after(self, t: float, scrapes: int = 2) -> None:
+        """Until `scrapes` scrapes (1 s apart) have started after `t`, a time.time() value
+        (a sample's timestamp is the wall-clock time its scrape started)."""
+        wait_for(
+            f"{scrapes} scrapes after the workload",
+            lambda: self.value('timestamp(up{job="convserve"})') > t + scrapes - 1,
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Scraped:
+    server: ServerProcess
+    prometheus: Prometheus
+    sent: Workload  # everything the server handled
+    scraped: Workload  # the part sent after Prometheus's first scrape
+
+
+@pytest.fixture(scope="module")
+def scraped(model_repository, tmp_path_factory) -> Iterator[Scraped]:
+    """One server, scraped every second by a real Prometheus, and a known workload.
+
+    One request of each kind goes first, before Prometheus's first scrape: a labelled
+    counter series only appears with its first increment, and rate() cannot see the
+    increments that happened before a series' first sample (as on any freshly started
+    server). The rest follows once Prometheus has that first sample.
+    """
+    tmp = tmp_path_factory.mktemp("prometheus")
+    first = Workload(ok=1, invalid=1, not_found=1, model_info=1)
+    rest = first.then(ok=37, invalid=5, not_found=3, model_info=2)
+    with running_server(model_repository, tmp, "--max-queue-delay-us", "1000") as server:
+        with server.channel() as ch:
+            first.send(pb_grpc.ClassifierStub(ch))
+        prom = Prometheus(tmp, f"127.0.0.1:{server.metrics_port}")
+        try:
+            prom.wait_ready()
+            with server.channel() as ch:
+                rest.send(pb_grpc.ClassifierStub(ch))
+            prom.wait_scrapes_after(time.time())
+            yield Scraped(server, prom, first + rest, rest)
+        finally:
+            prom.stop()
+
+
+def test_metrics_text_counts_the_workload_exactly(scraped):
+    text, w = scraped.server.metrics(), scraped.sent
+    assert requests_by_method_code(text) == w.requests
+    assert (
+        metric_value(text, "convserve_inference_items_total", model=MODEL, version="1") == w.images
+    )
+    assert metric_value(text, "convserve_batch_size_sum", model=MODEL) == w.images
+    assert metric_value(text, "convserve_queue_wait_seconds_count", model=MODEL) == w.ok
+    calls = sum(n for (m, _), n in w.requests.items() if m == "Predict")
+    assert metric_value(text, "convserve_request_duration_seconds_count", method="Predict") == calls
+    assert (
+        metric_value(text, "convserve_rejected_requests_total", reason="invalid_argument")
+        == w.invalid
+    )
+    assert (
+        metric_value(text, "convserve_rejected_requests_total", reason="not_found") == w.not_found
+    )
+    assert metric_value(text, "convserve_inflight_requests") == 0
+    assert metric_value(text, "convserve_queue_depth", model=MODEL) == 0
+
+
+def test_metrics_text_describes_the_served_model_and_the_process(scraped):
+    text = scraped.server.metrics()
+    (info,) = [(lab, v) for lab, v in samples(text, "convserve_model_info") if v]
+    assert info == (
+        {
+            "model": MODEL,
+            "version": "1",
+            "provider": "CPUExecutionProvider",
+            "opset": info[0]["opset"],
+            "requested_device": "auto",
+        },
+        1.0,
+    )
+    assert int(info[0]["opset"]) >= 13
+    assert metric_value(text, "convserve_models_loaded") == 1
+    assert metric_value(text, "convserve_model_loads_total", model=MODEL) == 1
+    assert metric_value(text, "convserve_model_load_failures_total") == 0
+    for gauge in PROCESS_GAUGES:
+        ((labels, value),) = samples(text, gauge)
+        assert labels == {} and value > 0, gauge  # one process, no pid label
+
+
+def test_prometheus_scrapes_exact_request_and_image_counts(scraped):
+    prom, w = scraped.prometheus, scraped.sent
+    got = {
+        (r["metric"]["method"], r["metric"]["code"]): int(float(r["value"][1]))
+        for r in prom.query("sum by (method, code) (convserve_requests_total) > 0")
+    }
+    assert got == w.requests
+    assert prom.value("sum(convserve_inference_items_total)") == w.images
+
+
+def test_prometheus_sees_observations_in_every_histogram(scraped):
+    prom, w = scraped.prometheus, scraped.sent
+    assert prom.value('sum(convserve_request_duration_seconds_count{method="Predict"})') > 0
+    assert prom.value("sum(convserve_queue_wait_seconds_count)") == w.ok
+    assert prom.value("sum(convserve_batch_compute_seconds_count)") > 0
+    assert prom.value("sum(convserve_batch_size_count)") > 0
+    assert prom.value("sum(convserve_batch_size_sum)") == w.images
+
+
+def rule_value(prom: Prometheus, expr: str) -> float:
+    (result,) = wait_for(f"a value of {expr}", lambda: prom.query(expr), timeout=10)
+    return float(result["value"][1])
+
+
+def test_mean_batch_size_rule_is_rows_per_batch_of_the_scraped_workload(scraped):
+    prom = scraped.prometheus
+    got = rule_value(prom, 'job_model:convserve_batch_size:mean_rate5m{model="fashion-mnist"}')
+    # Counters only grow, so the smallest sample in the window is the first scrape's.
+    since_first = "sum({0}) - sum(min_over_time({0}[5m]))"
+    rows = prom.value(since_first.format("convserve_batch_size_sum"))
+    batches = prom.value(since_first.format("convserve_batch_size_count"))
+    assert rows == scraped.scraped.images
+    # rate() extrapolates each series to the window's edges a little differently.
+    assert got == pytest.approx(rows / batches, rel=0.05)
+
+
+def test_error_ratio_rule_sees_the_failed_predicts(scraped):
+    w = scraped.scraped
+    failed, calls = w.invalid + w.not_found, w.ok + w.invalid + w.not_found
+    got = rule_value(
+        scraped.prometheus, 'job_method:convserve_requests_errors:ratio_rate5m{method="Predict"}'
+    )
+    # Loose: rate() extrapolates series that started at different values differently.
+    assert got == pytest.approx(failed / calls, rel=0.3)
+
+
+def test_every_rule_loads_and_evaluates_without_error(scraped):
+    groups = scraped.prometheus.get("/api/v1/rules")["data"]["groups"]
+    assert sorted(g["name"] for g in groups) == ["convserve.alerts", "convserve.recording"]
+    rules = [r for g in groups for r in g["rules"]]
+    defined = [m for p in RULE_FILES for m in re.findall(r"- (?:record|alert): ", p.read_text())]
+    assert len(rules) == len(defined)
+    assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+
+
+def test_error_ratio_alert_goes_pending_on_real_errors(scraped):
+    # 8 of 45 Predicts failed: far above the 5% threshold, but `for: 5m` has not passed.
+    def state() -> str:
+        alerts = scraped.prometheus.get("/api/v1/alerts")["data"]["alerts"]
+        return next(
+            (a["state"] for a in alerts if a["labels"]["alertname"] == "ConvserveHighErrorRatio"),
+            "",
+        )
+
+    assert wait_for("ConvserveHighErrorRatio to go pending", state, timeout=10) == "pending"
+
+
+def test_every_dashboard_query_is_valid_promql_with_data_where_expected(scraped):
+    prom = scraped.prometheus
+    empty = []
+    for expr in dashboard_queries():
+        if not prom.query(expr):  # `query` asserts the query is accepted
+            empty.append(expr)
+    # Series that only exist after a swap or a failed load have no data yet.
+    assert all(re.search("swaps|failures", e) for e in empty), empty
+
+
+# ----------------------------------------------------------------------------- --workers 2
+def per_worker(mp_dir: Path, kind: str, name: str) -> dict[str, float]:
+    """`name` summed per worker pid, read from the multiprocess files themselves (`kind` is
+    the file prefix: counter, gauge_livemax, ...); the parent's /metrics only has totals."""
+    out = {}
+    for path in mp_dir.glob(f"{kind}_*.db"):
+        fams = MultiProcessCollector.merge([str(path)], accumulate=False)
+        out[path.stem.rsplit("_", 1)[1]] = sum(
+            s.value for f in fams for s in f.samples if s.name == name
+        )
+    return out
+
+
+def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_repository, tmp_path):
+    mp_dir = tmp_path / "prom-multiproc"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
+    with running_server(model_repository, tmp_path, "--workers", "2", env=env) as s:
+        rss = "convserve_process_resident_memory_bytes"
+
+        def two_ready_workers(without: int = 0) -> set[str]:
+            """Worker pids, once two have loaded the model and reported their RSS."""
+            loaded = per_worker(mp_dir, "gauge_livemax", "convserve_models_loaded")
+            ready = {pid for pid, n in loaded.items() if n == 1}
+            sizes = {lab["pid"]: v for lab, v in samples(s.metrics(), rss)}
+            ok = len(ready) == 2 and str(without) not in ready
+            return ready if ok and all(sizes.get(p, 0) > 0 for p in ready) else set()
+
+        pids = wait_for("2 loaded workers", two_ready_workers, timeout=60)
+        w, channels = Workload(ok=2, invalid=1, not_found=0, model_info=0), 16
+        for c in range(channels):  # separate connections: SO_REUSEPORT spreads connections
+            with new_channel(s.target) as ch:
+                replace(w, start=c * w.ok).send(pb_grpc.ClassifierStub(ch))
+        expected = {k: n * channels for k, n in w.requests.items() if n}
+        images = Workload(ok=channels * w.ok).images
+
+        def check_totals(text: str) -> None:
+            assert requests_by_method_code(text) == expected
+            assert metric_value(text, "convserve_inference_items_total") == images
+            assert metric_value(text, "convserve_batch_size_sum") == images
+            assert metric_value(text, "convserve_rejected_requests_total") == w.invalid * channels
+            assert metric_value(text, "convserve_models_loaded") == 1  # livemax, not a sum
+
+        text = s.metrics()
+        check_totals(text)
+        for gauge in PROCESS_GAUGES:
+            assert worker_pids(text, gauge) == pids, gauge
+        handled = per_worker(mp_dir, "counter", "convserve_requests_total")
+        assert handled.keys() == pids
+        assert all(handled.values()), f"one worker got every connection: {handled}"
+        assert sum(handled.values()) == sum(expected.values())  # the parent's total
+
+        victim = int(max(handled, key=handled.__getitem__))
+        os.kill(victim, signal.SIGKILL)
+        gone = lambda: str(victim) not in worker_pids(s.metrics(), rss)  # noqa: E731
+        wait_for("the dead worker's live gauges to go", gone, timeout=10)
+        check_totals(s.metrics())  # its counters stay in the totals
+        wait_for("a replacement worker", lambda: two_ready_workers(without=victim), timeout=30)
+        text = s.metrics()
+        check_totals(text)
+        assert metric_value(text, "convserve_model_loads_total") == 3  # 2 workers + 1 restart
