@@ -34,7 +34,10 @@ def minimal_loop(trainer: Trainer, steps: int) -> dict[str, float]:
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(
-        model.parameters(), lr=recipe.optim.lr * 0.5, momentum=0.9, nesterov=True,
+        model.parameters(),
+        lr=recipe.optim.lr * 0.5,
+        momentum=0.9,
+        nesterov=True,
         weight_decay=recipe.optim.weight_decay,
     )
     b = recipe.train.batch_size
