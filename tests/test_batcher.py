@@ -1,0 +1,161 @@
+"""The dynamic batcher on its own: splitting, reassembly, isolation of failures, shedding."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batcher import BatchConfig, Batcher
+from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+
+
+class Recorder:
+    """A run function that doubles its input and records every batch it was given."""
+
+    def __init__(self, fail_on: int | None = None, delay: float = 0.0):
+        self.batches: list[np.ndarray] = []
+        self.fail_on = fail_on
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.batches.append(x.copy())
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise RuntimeError(f"poisoned row {self.fail_on}")
+        return x * 2
+
+
+def run(coro_fn, *args):
+    return asyncio.run(coro_fn(*args))
+
+
+async def _with_batcher(run_fn, config, body):
+    with concurrent.futures.ThreadPoolExecutor(config.instances) as pool:
+        b = Batcher(run_fn, config, pool)
+        try:
+            return await body(b)
+        finally:
+            await b.close(timeout=5)
+
+
+def rows(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)[:, None]
+
+
+def test_each_request_gets_exactly_its_own_rows_in_order():
+    rec = Recorder(delay=0.01)
+
+    async def body(b):
+        reqs = [rows(*range(10 * i, 10 * i + 1 + i % 4)) for i in range(40)]
+        outs = await asyncio.gather(*(b.submit(r) for r in reqs))
+        for r, o in zip(reqs, outs, strict=True):
+            assert np.array_equal(o, r * 2)
+
+    run(_with_batcher, rec, BatchConfig(max_batch_size=16), body)
+    assert max(len(x) for x in rec.batches) > 1  # requests were merged
+    assert all(len(x) <= 16 for x in rec.batches)
+
+
+def test_a_request_larger_than_max_batch_is_split_and_reassembled():
+    rec = Recorder()
+
+    async def body(b):
+        big = rows(*range(100))
+        return await b.submit(big)
+
+    out = run(_with_batcher, rec, BatchConfig(max_batch_size=8, instances=2), body)
+    assert np.array_equal(out, rows(*range(100)) * 2)
+    assert all(len(x) <= 8 for x in rec.batches) and sum(len(x) for x in rec.batches) == 100
+
+
+def test_a_failed_run_fails_only_the_requests_in_that_batch():
+    rec = Recorder(fail_on=13, delay=0.05)
+
+    async def body(b):
+        first = asyncio.ensure_future(b.submit(rows(1)))  # runs alone while the next queue
+        await asyncio.sleep(0.01)
+        poisoned = asyncio.ensure_future(b.submit(rows(13)))
+        companion = asyncio.ensure_future(b.submit(rows(5)))  # shares the poisoned batch
+        assert np.array_equal(await first, rows(2))
+        for fut in (poisoned, companion):
+            with pytest.raises(InferenceFailed, match="poisoned row 13"):
+                await fut
+        assert np.array_equal(await b.submit(rows(7)), rows(14))  # the batcher lives on
+
+    run(_with_batcher, rec, BatchConfig(max_batch_size=4), body)
+    assert [x.ravel().tolist() for x in rec.batches] == [[1], [13, 5], [7]]
+
+
+def test_queue_full_sheds_at_once_and_memory_stays_bounded():
+    rec = Recorder(delay=0.05)
+
+    async def body(b):
+        first = asyncio.ensure_future(b.submit(rows(*range(4))))
+        await asyncio.sleep(0.01)  # running: the queue is empty again
+        queued = asyncio.ensure_future(b.submit(rows(*range(6))))
+        await asyncio.sleep(0)
+        assert b.queued_rows == 6
+        with pytest.raises(QueueFull):
+            await b.submit(rows(*range(5)))  # 6 + 5 > 10
+        await first
+        await queued
+
+    run(_with_batcher, rec, BatchConfig(max_batch_size=4, max_queue_size=10), body)
+
+
+def test_expired_and_cancelled_requests_are_dropped_before_compute():
+    rec = Recorder(delay=0.05)
+
+    async def body(b):
+        blocker = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0.01)
+        expired = asyncio.ensure_future(b.submit(rows(2), deadline=time.monotonic() + 0.01))
+        cancelled = asyncio.ensure_future(b.submit(rows(3)))
+        await asyncio.sleep(0.005)
+        cancelled.cancel()
+        await blocker
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        assert await b.submit(rows(4)) is not None
+
+    run(_with_batcher, rec, BatchConfig(max_batch_size=4), body)
+    computed = np.concatenate(rec.batches).ravel().tolist()
+    assert 2 not in computed and 3 not in computed and 4 in computed
+
+
+def test_close_finishes_admitted_work_and_refuses_new():
+    rec = Recorder(delay=0.02)
+
+    async def body(b):
+        pending = [asyncio.ensure_future(b.submit(rows(i))) for i in range(5)]
+        await asyncio.sleep(0)
+        await b.close(timeout=5)
+        for i, p in enumerate(pending):
+            assert np.array_equal(await p, rows(2 * i))
+        with pytest.raises(Draining):
+            await b.submit(rows(9))
+
+    run(_with_batcher, rec, BatchConfig(max_batch_size=2), body)
+
+
+def test_queue_delay_waits_for_company_up_to_the_limit():
+    rec = Recorder()
+
+    async def body(b):
+        t0 = time.monotonic()
+        first = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(b.submit(rows(2)))
+        await asyncio.gather(first, second)
+        return time.monotonic() - t0
+
+    run(_with_batcher, rec, BatchConfig(max_batch_size=8, max_queue_delay_s=0.05), body)
+    assert [len(x) for x in rec.batches] == [2]  # the first waited and took the second along
