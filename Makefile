@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto data demo test lint format bench bench-train clean
+.PHONY: install proto data demo test lint format bench bench-train bench-export bench-serving clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,25 @@ bench-train: install data  ## trainer vs a minimal hand-written loop; writes ben
 bench-export: install data  ## ORT CPU images/s of the fp32, optimised and INT8 exports; writes bench/results/export.json
 	$(PY) bench/export_bench.py --out bench/results/export.json
 
-bench: bench-train bench-export
+TRITON_BENCH_VENV := bench/.venv-triton
+
+# NVIDIA Triton's core for the serving benchmark: nvidia-pytriton bundles the tritonserver
+# binary (Python backend only). A venv of its own: it pins its own protobuf and grpc stack.
+# Same onnxruntime release as .venv, so both servers run the same kernels.
+$(TRITON_BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_BENCH_VENV)
+	$(TRITON_BENCH_VENV)/bin/pip install -q 'nvidia-pytriton==0.7.0' 'tritonclient[grpc]==2.73.0' \
+		"onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')" numpy
+	touch $@
+
+$(VENV)/bin/py-spy: | $(STAMP)
+	$(PIP) install -q 'py-spy==0.4.3'
+
+bench-serving: install data $(TRITON_BENCH_VENV)/.installed $(VENV)/bin/py-spy  ## convserve vs ORT in-process, a naive server and Triton; writes bench/results/serving.{json,md} and latency_throughput.png
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(PY) bench/serving_bench.py --out-dir bench/results $(BENCH_SERVING_ARGS)
+
+bench: bench-train bench-export bench-serving
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

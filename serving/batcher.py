@@ -37,14 +37,12 @@ class BatchObserver(Protocol):
     def queue_depth(self, rows: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
     def batch(self, size: int, seconds: float) -> None: ...
-    def rejected(self, reason: str) -> None: ...
 
 
 class _NullObserver:
     def queue_depth(self, rows: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
     def batch(self, size: int, seconds: float) -> None: ...
-    def rejected(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -112,14 +110,12 @@ class Batcher:
             raise Draining("server is shutting down")
         n = len(rows)
         if self._queued_rows + n > self.config.max_queue_size:
-            self.observer.rejected("queue_full")
             raise QueueFull(
                 f"queue for {self.name} is full ({self._queued_rows} of "
                 f"{self.config.max_queue_size} rows waiting); retry later"
             )
         now = time.monotonic()
         if deadline is not None and deadline <= now:
-            self.observer.rejected("deadline_exceeded")
             raise DeadlineExceeded("deadline already passed on arrival")
         req = _Request(rows, asyncio.get_running_loop().create_future(), deadline, now)
         if self._idle_fast_path(n):
@@ -198,7 +194,6 @@ class Batcher:
                 self._queue.popleft()
                 self._queued_rows -= req.remaining
                 if not req.future.done():
-                    self.observer.rejected("deadline_exceeded")
                     req.future.set_exception(
                         DeadlineExceeded("deadline passed while queued; not computed")
                     )

@@ -284,13 +284,16 @@ class Client(_Base):
     ) -> Iterator[list[Prediction]]:
         """Many requests over one stream: yields one list of predictions per batch, in order."""
         reqs = (_request(b, top_k, model, version) for b in batches)
+        call = self.stub.PredictStream(
+            reqs, timeout=timeout or self.timeout, metadata=self.metadata
+        )
         try:
-            for resp in self.stub.PredictStream(
-                reqs, timeout=timeout or self.timeout, metadata=self.metadata
-            ):
+            for resp in call:
                 yield _prediction(resp)
         except grpc.RpcError as exc:
             raise PredictionError(exc.code(), exc.details()) from None
+        finally:
+            call.cancel()  # a caller that stops early must not hold the stream open
 
     def model_info(self, model: str = "", version: int = 0) -> dict[str, Any]:
         req = pb.ModelInfoRequest(model=model, version=version)
@@ -376,6 +379,8 @@ class AsyncClient(_Base):
                 yield _prediction(resp)
         except grpc.RpcError as exc:
             raise PredictionError(exc.code(), exc.details()) from None
+        finally:
+            call.cancel()  # a caller that stops early must not hold the stream open
 
     async def model_info(self, model: str = "", version: int = 0) -> dict[str, Any]:
         req = pb.ModelInfoRequest(model=model, version=version)

@@ -223,7 +223,6 @@ class ModelObserver(BatchObserver):
         self._compute = m.compute.labels(model, version)
         self._size = m.batch_size.labels(model, version)
         self._items = m.items.labels(model, version)
-        self._rejected = m.rejected
 
     def queue_depth(self, rows: int) -> None:
         self._depth.set(rows)
@@ -235,9 +234,6 @@ class ModelObserver(BatchObserver):
         self._compute.observe(seconds)
         self._size.observe(size)
         self._items.inc(size)
-
-    def rejected(self, reason: str) -> None:
-        self._rejected.labels(reason).inc()
 
 
 class RequestTimer:

@@ -1,15 +1,20 @@
-"""Batch augmentation on the training device: random crop with padding, flip, erasing.
+"""Training randomness keyed by step: batch augmentation (crop, flip, erasing) and dropout.
 
 Each augmentation works on a whole uint8 batch at once (no per-sample Python). The random
 draws for a step come from a generator keyed by (seed, epoch, step) and are drawn for the
 whole global batch, so a rank that takes rows [a, b) of it sees exactly the draws a single
 process would have used for those rows: augmentation does not depend on the process count.
+Dropout masks are drawn the same way (`KeyedDropout`), so dropout does not depend on it either.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from trainer.recipe import AugmentConfig
 
@@ -76,3 +81,61 @@ class BatchAugment:
         mask = (my[:, :, None] & mx[:, None, :]) & apply[:, None, None]
         fill = torch.tensor(self.fill, dtype=x.dtype, device=dev).view(1, ch, 1, 1)
         return torch.where(mask[:, None].to(dev), fill, x)
+
+
+# ----------------------------------------------------------------------------- dropout
+class KeyedDropout(nn.Module):
+    """Dropout whose mask for a row depends only on (seed, epoch, step, layer, global row).
+
+    torch's own dropout draws from the process's global generator, so on N processes each
+    rank would draw different masks than one process draws for the same rows. This one draws
+    the mask of the whole global batch from a generator keyed by the step (on the device of
+    the activations) and keeps this rank's rows, like `BatchAugment`. Same scaling as
+    nn.Dropout; outside the training loop (no key set) it is plain dropout.
+    """
+
+    def __init__(self, p: float, layer: int):
+        super().__init__()
+        self.p = p
+        self.layer = layer
+        self.key: tuple[int, int, int] | None = None  # (seed, epoch, step)
+        self.rows: tuple[int, int] = (0, 0)  # (global batch size, offset of this rank's rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.key is None:
+            return F.dropout(x, self.p, training=True)
+        total, offset = self.rows
+        seed = np.random.SeedSequence([k % 2**64 for k in (*self.key, self.layer)])
+        g = torch.Generator(device=x.device)
+        g.manual_seed(int(seed.generate_state(1, np.uint64)[0]))
+        u = torch.rand((total or len(x), *x.shape[1:]), generator=g, device=x.device)
+        keep = u[offset : offset + len(x)] >= self.p
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, layer={self.layer}"
+
+
+def use_keyed_dropout(model: nn.Module) -> list[KeyedDropout]:
+    """Replace every nn.Dropout in `model` by a KeyedDropout (dropout has no weights)."""
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Dropout
+    ]
+    keyed = []
+    for layer, (parent, name, child) in enumerate(swaps):
+        keyed.append(KeyedDropout(child.p, layer))
+        setattr(parent, name, keyed[-1])
+    return keyed
+
+
+def set_dropout_step(
+    dropouts: Sequence[KeyedDropout], key: tuple[int, int, int], total: int, offset: int
+) -> None:
+    """Key the next forward pass's dropout masks by step and global batch rows."""
+    for d in dropouts:
+        d.key, d.rows = key, (total, offset)

@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
-from trainer.recipe import RecipeError, list_recipes, load_recipe
+from trainer.distributed import LaunchOptions, World
+from trainer.recipe import Recipe, RecipeError, list_recipes, load_recipe
 
 # Errors a user can act on: printed as one clear message, never a stack trace.
 USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, DataError, CheckpointError)
@@ -35,6 +37,7 @@ def _one_line(exc: BaseException) -> str:
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cnn-train",
+        allow_abbrev=False,  # argv goes on to torchrun's parser, which has flags of its own
         description="Train a CNN from a recipe, then export it into a model repository.",
         epilog="Overrides: any recipe field as FIELD=VALUE, e.g. train.epochs=3 optim.lr=0.05. "
         f"Bundled recipes: {', '.join(list_recipes())}.",
@@ -46,13 +49,81 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("--no-export", action="store_true", help="do not export to ONNX at the end")
     p.add_argument("--repository", help="model repository to export into (export.repository)")
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume when OUT/checkpoints/last.pt exists, else start (for jobs a scheduler "
+        "may restart; a torchrun restart after a lost worker always resumes)",
+    )
     p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE")
+    g = p.add_argument_group(
+        "several processes (passed to torch.distributed.run; ignored inside torchrun)"
+    )
+    g.add_argument("--nproc", type=int, metavar="N", help="training processes on this machine")
+    g.add_argument("--nnodes", default="1", help="machines, or MIN:MAX for an elastic range")
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="restart the group up to R times when a worker fails; it resumes from last.pt",
+    )
+    g.add_argument("--rdzv-backend", help="rendezvous backend, e.g. c10d (several machines)")
+    g.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous (several machines)")
+    g.add_argument("--rdzv-id", help="a job id shared by all machines of one run")
+    g.add_argument("--rdzv-conf", help="extra rendezvous settings, e.g. is_host=true")
     return p
 
 
+TRAIN_MODULE = "trainer.cli"  # what torchrun starts on every rank: this command again
+LAUNCH_FLAGS = (  # the launcher's options above, each with a value
+    "--nproc",
+    "--nnodes",
+    "--max-restarts",
+    "--rdzv-backend",
+    "--rdzv-endpoint",
+    "--rdzv-id",
+    "--rdzv-conf",
+)
+
+
+def _launch(args: argparse.Namespace, recipe: Recipe, argv: Sequence[str]) -> int:
+    """Start this command on --nproc processes (per machine) under torchrun."""
+    from trainer.distributed import launch
+
+    opts = LaunchOptions(
+        args.nproc,
+        args.nnodes,
+        args.max_restarts,
+        args.rdzv_backend,
+        args.rdzv_endpoint,
+        args.rdzv_id,
+        args.rdzv_conf,
+    )
+    if opts.fixed_world_size:  # refuse an indivisible batch here, once, not on every rank
+        World(size=opts.fixed_world_size).batch_rows(recipe.train.batch_size)
+    return launch(opts, TRAIN_MODULE, _without_launch_options(argv))
+
+
+def _without_launch_options(argv: Sequence[str]) -> list[str]:
+    """The ranks' argv: this command's, less the options only the launcher uses."""
+    out: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg.split("=", 1)[0] in LAUNCH_FLAGS:
+            skip_value = "=" not in arg
+        else:
+            out.append(arg)
+    return out
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _train_parser().parse_args(argv)
-    setup_logging(args.quiet)
+    world = World.from_env()
+    setup_logging(args.quiet or not world.is_main)  # the other ranks stay quiet
     from trainer.engine import ResumeError, TrainingDiverged, fit
 
     overrides = list(args.overrides)
@@ -62,10 +133,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         overrides.append(f"export.repository={args.repository}")
     try:
         recipe = load_recipe(args.recipe, overrides)
-        result = fit(recipe, args.out, resume=args.resume, quiet=args.quiet)
+        if args.nproc and not world.launched:
+            return _launch(args, recipe, argv)
+        resume = args.resume or _resume_after_restart(args, world)
+        result = fit(recipe, args.out, resume=resume, quiet=args.quiet, world=world)
     except (*USER_ERRORS, ResumeError, TrainingDiverged) as exc:
         print(f"cnn-train: error: {exc}", file=sys.stderr)
         return 2
+    if not world.is_main:
+        return 0
     print(
         f"test accuracy {result.test_accuracy:.4f} after {result.epochs_run} epochs "
         f"({result.train_seconds:.0f}s, {result.images_per_s:.0f} img/s); "
@@ -92,6 +168,18 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"exported {exported.version_dir}")
     return 0
+
+
+def _resume_after_restart(args: argparse.Namespace, world: World) -> bool:
+    """After torchrun restarted the group (or with --auto-resume), continue from last.pt."""
+    last = Path(args.out) / "checkpoints" / "last.pt"
+    if not (world.restart or args.auto_resume) or not last.exists():
+        return False
+    if world.restart:
+        logging.getLogger("convserve.train").info(
+            "restart %d of the process group: resuming from the last checkpoint", world.restart
+        )
+    return True
 
 
 def _export_parser() -> argparse.ArgumentParser:

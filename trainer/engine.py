@@ -3,12 +3,17 @@
 Data lives on the training device as uint8 tensors and is batched by index. Every random
 draw is keyed by (seed, epoch, step) or saved in the checkpoint, so `--resume` continues a
 run to the same weights an uninterrupted run reaches.
+
+The same loop runs on one process or on N under torchrun (trainer.distributed): the recipe's
+batch size is the global batch, each rank trains on its rows of it, DistributedDataParallel
+averages the gradients, and rank 0 alone writes logs and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -23,18 +28,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from trainer import data as datalib
-from trainer.augment import BatchAugment, step_generator
+from trainer.augment import (
+    BatchAugment,
+    KeyedDropout,
+    set_dropout_step,
+    step_generator,
+    use_keyed_dropout,
+)
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.distributed import World, process_group
 from trainer.models import Classifier, build_model
 from trainer.recipe import OptimConfig, Recipe, ScheduleConfig, TrainConfig, recipe_to_dict
 
 log = logging.getLogger("convserve.train")
 
 # Fields a resumed run may change without changing what it computes.
-RESUMABLE_CHANGES = ("data.data_dir", "data.download", "train.device", "export.")
+RESUMABLE_CHANGES = (
+    "data.data_dir",
+    "data.download",
+    "train.device",
+    "train.sync_batchnorm",
+    "export.",
+)
+
+ONE_PROCESS = World()  # no torchrun: every collective is a no-op
+
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers; older torch has the old name.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -236,26 +264,33 @@ def evaluate(
     batch_size: int = 1000,
     channels_last: bool = False,
     autocast: bool = False,
+    world: World = ONE_PROCESS,
 ) -> EvalResult:
-    """Loss, accuracy, predictions and probabilities of `model` on a labelled uint8 set."""
+    """Loss, accuracy, predictions and probabilities of `model` on a labelled uint8 set.
+
+    On several processes each rank evaluates its shard of the rows; loss sums are added and
+    probabilities gathered, so every rank returns the result for the whole set.
+    """
+    n = len(images)
+    if n == 0:
+        return EvalResult(float("nan"), float("nan"), np.zeros(0, np.int64), np.zeros((0, 0)))
     was_training = model.training
     model.eval()
+    mine = world.shard(n)
+    xs, ys = images[mine], labels[mine]
     probs, losses = [], []
-    for i in range(0, len(images), batch_size):
-        x = _layout(images[i : i + batch_size], channels_last)
+    for i in range(0, max(1, len(xs)), batch_size):  # a rank with no rows still answers
+        x = _layout(xs[i : i + batch_size], channels_last)
         with _autocast(images.device, autocast):
             logits = model(x).float()
-        losses.append(F.cross_entropy(logits, labels[i : i + batch_size], reduction="sum"))
+        losses.append(F.cross_entropy(logits, ys[i : i + batch_size], reduction="sum"))
         probs.append(torch.softmax(logits, dim=1))
     model.train(was_training)
-    if not probs:
-        return EvalResult(float("nan"), float("nan"), np.zeros(0, np.int64), np.zeros((0, 0)))
-    p = torch.cat(probs).cpu().numpy()
+    p = world.gather_rows(torch.cat(probs), n).cpu().numpy()
+    loss_sum = world.sum(torch.stack(losses).sum())
     pred = p.argmax(1)
     y = labels.cpu().numpy()
-    return EvalResult(
-        float(torch.stack(losses).sum()) / len(images), float((pred == y).mean()), pred, p
-    )
+    return EvalResult(float(loss_sum) / n, float((pred == y).mean()), pred, p)
 
 
 def train_one_epoch(
@@ -269,20 +304,29 @@ def train_one_epoch(
     batch_size: int,
     channels_last: bool,
     bar: tqdm | None,
+    world: World = ONE_PROCESS,
 ) -> EpochStats:
-    """One pass over the training set in seeded-permutation order (last partial batch dropped)."""
+    """One pass over the training set in seeded-permutation order (last partial batch dropped).
+
+    `batch_size` is the global batch. Every rank draws the same permutation and trains on its
+    own rows of each global batch, with the augmentation and dropout draws one process would
+    make for those rows; `step_fn` returns the loss of the whole global batch.
+    """
     model.train()
     n = len(data.train_x)
     steps = n // batch_size
+    mine = world.batch_rows(batch_size)
+    dropouts = [m for m in model.modules() if isinstance(m, KeyedDropout)]
     perm = torch.randperm(n, generator=step_generator(seed, epoch, -1)).to(data.train_x.device)
     loss_sum = torch.zeros((), device=data.train_x.device)
     correct = torch.zeros((), device=data.train_x.device, dtype=torch.long)
     t0 = time.perf_counter()
     for step in range(steps):
-        idx = perm[step * batch_size : (step + 1) * batch_size]
+        idx = perm[step * batch_size : (step + 1) * batch_size][mine]
         x, y = data.train_x[idx], data.train_y[idx]
         if augment.active:
-            x = augment(x, step_generator(seed, epoch, step))
+            x = augment(x, step_generator(seed, epoch, step), total=batch_size, offset=mine.start)
+        set_dropout_step(dropouts, (seed, epoch, step), batch_size, mine.start)
         loss, logits = step_fn(_layout(x, channels_last), y)
         loss_sum += loss.detach()
         correct += (logits.argmax(1) == y).sum()
@@ -292,9 +336,10 @@ def train_one_epoch(
                 done = (step + 1) * batch_size
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / (step + 1):.4f}",
-                    acc=f"{correct.item() / done:.4f}",
+                    acc=f"{correct.item() / ((step + 1) * len(y)):.4f}",  # this rank's rows
                     img_s=f"{done / (time.perf_counter() - t0):.0f}",
                 )
+    correct = world.sum(correct)
     seconds = time.perf_counter() - t0
     return EpochStats(
         loss_sum.item() / max(1, steps),
@@ -323,13 +368,22 @@ class RunResult:
 class Trainer:
     """Owns one run: model, optimiser, schedule, EMA, checkpoints and the metrics log."""
 
-    def __init__(self, recipe: Recipe, run_dir: str | os.PathLike, *, quiet: bool = False):
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: str | os.PathLike,
+        *,
+        quiet: bool = False,
+        world: World = ONE_PROCESS,
+    ):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
-        self.quiet = quiet
+        self.world = world
+        self.quiet = quiet or not world.is_main
         tc = recipe.train
-        self.device = select_device(tc.device)
-        configure_threads(self.device)
+        world.batch_rows(tc.batch_size)  # refuse a global batch the ranks cannot split evenly
+        self.device = world.device(select_device(tc.device))
+        configure_threads(self.device, world.local_size)
         self.channels_last = tc.channels_last
         self.data = prepare_data(recipe, self.device)
         if len(self.data.train_x) < tc.batch_size:
@@ -342,6 +396,17 @@ class Trainer:
         self.model: Classifier = build_model(
             recipe.model, d.in_shape, len(d.classes), d.mean, d.std
         ).to(self.device)
+        self.dropouts = use_keyed_dropout(self.model)  # masks independent of process count
+        self.sync_bn = tc.sync_batchnorm and world.joined and self.device.type == "cuda"
+        if self.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif tc.sync_batchnorm and world.joined and world.is_main:
+            log.warning(
+                "train.sync_batchnorm: SyncBatchNorm needs CUDA in torch %s; on %s each process "
+                "normalises with the batch statistics of its own rows",
+                torch.__version__,
+                self.device.type,
+            )
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = len(d.train_x) // tc.batch_size
@@ -353,33 +418,51 @@ class Trainer:
         self.criterion = make_criterion(tc, len(d.classes))
         fill = tuple(round(m * 255) for m in d.mean)
         self.augment = BatchAugment(recipe.augment, fill)
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.forward = self._data_parallel(self.model)
+        if tc.compile:
+            for d in self.dropouts:  # a fresh key every step: keep it out of the graph
+                d.forward = torch.compiler.disable(d.forward)
+            self.forward = torch.compile(self.forward)
         self.epoch = 0  # epochs completed
         self.best_val = -1.0
         self.best_epoch = 0
         self.history: list[dict[str, Any]] = []
 
+    def _data_parallel(self, model: nn.Module) -> nn.Module:
+        """Under torchrun, DDP averages the gradients over ranks during the backward pass."""
+        if not self.world.joined:
+            return model
+        # Buffers are not broadcast from rank 0 at every forward: the only buffers that move
+        # are batch-norm statistics, which are averaged once per epoch instead.
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
+
     # -- the four steps -------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on this rank's rows; returns the global batch's loss and local logits."""
         tc = self.recipe.train
         with _autocast(self.device, tc.bf16_autocast):
             logits = self.forward(x)  # 1. forward pass
-            loss = self.criterion(logits, y)  # 2. loss
-        if not torch.isfinite(loss):
+            loss = self.criterion(logits, y)  # 2. loss (mean over this rank's rows)
+        # The global batch's loss: every rank sees the same value and stops together.
+        batch_loss = self.world.mean(loss.detach())
+        if not torch.isfinite(batch_loss):
             raise TrainingDiverged(
-                f"loss became {loss.item()} at epoch {self.epoch + 1}; stopping. The last good "
-                f"checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}; lower optim.lr or "
+                f"loss became {batch_loss.item()} at epoch {self.epoch + 1}; stopping. The last "
+                f"good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}; lower optim.lr or "
                 "set train.grad_clip"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # 3. backward pass: gradients of the loss w.r.t. every weight
+        # 3. backward pass: gradients of the loss w.r.t. every weight (DDP averages them over
+        # ranks: the mean of B/N-row means is the gradient of the B-row mean loss)
+        loss.backward()
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.optimizer.step()  # 4. update the weights
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss, logits
+        return batch_loss, logits
 
     @property
     def eval_model(self) -> nn.Module:
@@ -427,19 +510,24 @@ class Trainer:
     # -- the run -------------------------------------------------------------------
     def fit(self, resume: bool = False) -> RunResult:
         tc = self.recipe.train
+        main = self.world.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
+        # A rank restarted on a new node may not know the group is resuming: ask everyone.
+        if self.world.any(resume, self.device):
             self.restore(load_checkpoint(self.ckpt_dir / "last.pt", self.device))
             log.info("resumed from %s at epoch %d", self.ckpt_dir / "last.pt", self.epoch)
-        self._write_static_files()
-        self._rewrite_metrics_log()
+        if main:
+            self._write_static_files()
+            self._rewrite_metrics_log()
         stopped = "completed"
         while self.epoch < tc.epochs:
             rec = self._run_epoch()
             if rec["val_accuracy"] is not None and rec["val_accuracy"] > self.best_val:
                 self.best_val, self.best_epoch = rec["val_accuracy"], self.epoch
-                save_checkpoint(self.state(), self.ckpt_dir / "best.pt")
-            save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
+                if main:
+                    save_checkpoint(self.state(), self.ckpt_dir / "best.pt")
+            if main:
+                save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
             patience = tc.early_stopping_patience
             if patience and self.epoch - self.best_epoch >= patience and self.epoch < tc.epochs:
                 stopped = f"early stop: no validation gain for {patience} epochs"
@@ -467,8 +555,12 @@ class Trainer:
                 batch_size=tc.batch_size,
                 channels_last=self.channels_last,
                 bar=None if self.quiet else bar,
+                world=self.world,
             )
         self.epoch += 1
+        if not self.sync_bn:
+            ema = [self.ema.module] if self.ema is not None else []
+            self.world.average_batchnorm_stats([self.model, *ema])
         val = None
         if len(self.data.val_x):
             val = evaluate(
@@ -478,6 +570,7 @@ class Trainer:
                 tc.eval_batch_size,
                 self.channels_last,
                 tc.bf16_autocast,
+                self.world,
             )
         rec = {
             "epoch": self.epoch,
@@ -491,8 +584,9 @@ class Trainer:
             "time": time.time(),
         }
         self.history.append(rec)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if self.world.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
         val_text = f" val_loss {val.loss:.4f} val_acc {val.accuracy:.4f}" if val else ""
         log.info(
             "epoch %d/%d train_loss %.4f train_acc %.4f%s %.0f img/s (%.1fs)",
@@ -522,6 +616,7 @@ class Trainer:
     def _finish(self, stopped: str) -> RunResult:
         tc = self.recipe.train
         best = self.ckpt_dir / "best.pt"
+        self.world.barrier()  # rank 0 has written best.pt before anyone reads it
         if best.exists() and len(self.data.val_x):
             # Model selection used validation only; the test set is read once, here.
             self.eval_model.load_state_dict(load_checkpoint(best, self.device)["eval_model"])
@@ -532,6 +627,7 @@ class Trainer:
             tc.eval_batch_size,
             self.channels_last,
             tc.bf16_autocast,
+            self.world,
         )
         y = self.data.test_y.cpu().numpy()
         per_class = {
@@ -553,6 +649,8 @@ class Trainer:
             images_per_s=images / seconds if seconds else 0.0,
             history=self.history,
         )
+        if not self.world.is_main:
+            return result
         out = asdict(result)
         out["run_dir"] = str(self.run_dir)
         out["classes"] = list(self.data.classes)
@@ -598,7 +696,18 @@ def check_same_recipe(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 
 def fit(
-    recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False
+    recipe: Recipe,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    world: World | None = None,
 ) -> RunResult:
-    """Train `recipe` into `run_dir` (resuming from its last checkpoint if asked)."""
-    return Trainer(recipe, run_dir, quiet=quiet).fit(resume=resume)
+    """Train `recipe` into `run_dir` (resuming from its last checkpoint if asked).
+
+    Under torchrun this process joins the group for the run and leaves it cleanly before
+    returning; every rank returns the result, rank 0 alone has written it.
+    """
+    world = World.from_env() if world is None else world
+    with process_group(world, world.device(select_device(recipe.train.device))):
+        return Trainer(recipe, run_dir, quiet=quiet, world=world).fit(resume=resume)

@@ -153,6 +153,9 @@ class TrainConfig(_Strict):
     compile: bool = False
     bf16_autocast: bool = True  # CUDA only
     eval_batch_size: int = Field(1000, ge=1)
+    # Several GPUs: normalise with the statistics of the global batch (SyncBatchNorm, which is
+    # CUDA-only in torch 2.13). On CPU each process normalises with its own rows' statistics.
+    sync_batchnorm: bool = False
 
 
 class ExportConfig(_Strict):

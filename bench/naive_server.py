@@ -1,0 +1,115 @@
+"""Reference peers for the serving benchmark: a naive server and an empty-handler server.
+
+`naive`: what a user writes in an afternoon. grpc.aio serving our convserve.v1.Classifier
+Predict and PredictStream with raw uint8 tensors, one `session.run` per request in the event
+loop thread, no batching, no validation beyond numpy's own. For fairness its ONNX Runtime
+session uses the same options as convserve's (threads, no spinning, optimisation level).
+
+`--empty`: the same servicer with nothing behind it: Predict answers a prebuilt response of
+the right size without looking at the images. It measures what grpc.aio itself costs per
+request (the floor for any Python gRPC server), so concurrency-1 latency can be reported as
+overhead above it.
+
+    python bench/naive_server.py --model models/fashion-mnist/1/model.onnx --port 50061
+    python bench/naive_server.py --model models/fashion-mnist/1/model.onnx --port 50062 --empty
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from serving.proto.convserve.v1 import classifier_pb2 as pb
+from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from serving.runtime import RuntimeOptions, session_options
+
+
+class Naive(pb_grpc.ClassifierServicer):
+    def __init__(self, model: Path):
+        self.session = ort.InferenceSession(
+            str(model), session_options(RuntimeOptions(device="cpu")), ["CPUExecutionProvider"]
+        )
+        manifest = json.loads((model.parent / "manifest.json").read_text())
+        self.labels = manifest["labels"]
+        self.name, self.version = model.parent.parent.name, int(model.parent.name)
+        inp = manifest["input"]
+        self.shape = (inp["channels"], inp["height"], inp["width"])
+
+    async def Predict(self, request, context):
+        x = np.stack(
+            [np.frombuffer(i.tensor.data, np.uint8).reshape(self.shape) for i in request.images]
+        )
+        probs = self.session.run(["probabilities"], {"images": x})[0]
+        k = max(1, request.top_k)
+        predictions = []
+        for p in probs:
+            best = np.argsort(-p)[:k]
+            predictions.append(
+                pb.Prediction(
+                    classes=[
+                        pb.ClassScore(index=int(i), label=self.labels[i], probability=float(p[i]))
+                        for i in best
+                    ]
+                )
+            )
+        return pb.PredictResponse(model=self.name, version=self.version, predictions=predictions)
+
+    async def PredictStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self.Predict(request, context)
+
+
+class Empty(Naive):
+    """No model run: a prebuilt one-image answer (the size of a real one)."""
+
+    def __init__(self, model: Path):
+        super().__init__(model)
+        score = pb.ClassScore(index=9, label=self.labels[9], probability=0.9921875)
+        self.answer = pb.PredictResponse(
+            model=self.name, version=self.version, predictions=[pb.Prediction(classes=[score])]
+        )
+
+    async def Predict(self, request, context):
+        return self.answer
+
+
+async def serve(servicer: pb_grpc.ClassifierServicer, host: str, port: int) -> None:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ]
+    )
+    pb_grpc.add_ClassifierServicer_to_server(servicer, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    print(f"{type(servicer).__name__.lower()} server on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, required=True, help="model.onnx of a version folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50061)
+    p.add_argument("--empty", action="store_true", help="answer without running the model")
+    args = p.parse_args()
+    servicer = (Empty if args.empty else Naive)(args.model)
+    asyncio.run(serve(servicer, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,797 @@
+"""Serving benchmark: convserve next to the systems a user would pick instead, in one run.
+
+Same machine, same model (the default Fashion-MNIST export), same load, one after another:
+
+- the ceiling: ONNX Runtime in-process (no RPC) at batch 1, 32 and 64, with the session
+  options convserve uses;
+- an empty-handler grpc.aio server (the floor of any Python gRPC server; concurrency-1
+  latency is reported as overhead above it);
+- a naive server (bench/naive_server.py: grpc.aio + one session.run per request);
+- convserve: batching off (--max-batch-size 1) and on (defaults), 1 worker and --workers 2;
+- Triton Inference Server's core through PyTriton (bench/triton_server.py, run from
+  bench/.venv-triton) with Triton's dynamic batcher, over KServe V2 ModelInfer.
+
+Load comes from h2load (bench/h2grpc.py) with pre-serialised gRPC bodies, so the client costs
+the two cores as little as possible. Every run is bracketed by correctness passes with a real
+gRPC client (answers compared with ONNX Runtime in-process) and trusted only when the bytes
+h2load received match requests x the size of a correct answer. The Python load generator
+(`cnn-bench`) is run too, closed and open loop, for comparison.
+
+Writes bench/results/serving.json, serving.md (tables with ratios to the ceiling and to each
+peer) and latency_throughput.png; when a target is missed it profiles convserve with py-spy
+(serving_profile_c1.txt, serving_profile_c64.txt).
+
+    python bench/serving_bench.py [--model-repository runs/demo/models] [--duration 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import h2grpc  # noqa: E402
+from serving_report import latency_throughput_figure, markdown, targets  # noqa: E402
+
+from serving.loadgen import parse_stream_infer  # noqa: E402
+from serving.proto.convserve.v1 import classifier_pb2 as pb  # noqa: E402
+from serving.proto.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
+from serving.runtime import RuntimeOptions, session_options  # noqa: E402
+
+MODEL = "fashion-mnist"
+TRITON_VENV = ROOT / "bench" / ".venv-triton"
+PATHS = {
+    ("convserve", "unary"): "/convserve.v1.Classifier/Predict",
+    ("convserve", "stream"): "/convserve.v1.Classifier/PredictStream",
+    ("v2", "unary"): "/inference.GRPCInferenceService/ModelInfer",
+    ("v2", "stream"): "/inference.GRPCInferenceService/ModelStreamInfer",
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # unary | stream
+    images: int  # images per request message
+    concurrency: int  # requests (unary) or streams in flight
+    messages: int = 1  # request messages per call in the correctness passes
+
+
+SINGLE = tuple(Scenario(f"1 image, c{c}", "unary", 1, c) for c in (1, 8, 32, 64))
+BULK = (
+    Scenario("32 images, c8", "unary", 32, 8),
+    Scenario("stream, 32 images/msg, 8 streams", "stream", 32, 8, messages=4),
+)
+
+
+@dataclass
+class System:
+    name: str
+    protocol: str  # convserve | v2
+    command: list[str]
+    scenarios: tuple[Scenario, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    listeners: int = 1  # processes that must say "listening on" before load starts
+    checks_answers: bool = True  # the empty server answers without looking
+
+
+# ----------------------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_model(repo: Path | None, work: Path) -> Path:
+    """model.onnx of the latest fashion-mnist version: given, found, or trained here."""
+    candidates = [repo] if repo else [ROOT / "runs/demo/models", ROOT / "runs/bench-export/models"]
+    candidates.append(work / "models")
+    for r in candidates:
+        versions = sorted(
+            (int(v.name) for v in (r / MODEL).glob("*") if v.name.isdigit()), reverse=True
+        )
+        if versions:
+            return r / MODEL / str(versions[0]) / "model.onnx"
+    if repo:
+        raise SystemExit(f"no {MODEL} model in {repo}")
+    print(f"no model repository found: training the default recipe (1 epoch) into {work}")
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cnn-train"),
+            "--recipe",
+            "fashion_mnist",
+            "--out",
+            str(work / "run"),
+            "--repository",
+            str(work / "models"),
+            "--quiet",
+            "train.epochs=1",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
+    return find_model(work / "models", work)
+
+
+def test_images(shape: tuple[int, ...], n: int = 2048) -> np.ndarray:
+    try:
+        from trainer.data import load_dataset
+
+        images = load_dataset("fashion-mnist").test.images[:n]
+        if images.shape[1:] == shape:
+            return images
+    except Exception as exc:  # no dataset here: synthetic images still load the server
+        print(f"(no Fashion-MNIST test set: {exc}; using synthetic images)")
+    from serving.loadgen import synthetic_images
+
+    return synthetic_images(n, shape, 0)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "grpcio": grpc.__version__,
+        "h2load": h2grpc.available(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """Which convserve was measured: the commit, whether the tree was dirty, and a hash of
+    serving/*.py (the tree may hold uncommitted work)."""
+    import hashlib
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
+        return r.stdout.strip()
+
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "serving").glob("*.py")):
+        h.update(f.read_bytes())
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty_files": git("status", "--porcelain", "--", "serving").splitlines(),
+        "serving_sha256": h.hexdigest()[:16],
+    }
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of the machine have been busy (not idle or waiting on I/O)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        stats[int(d.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(d.name))
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / tick
+        todo += children.get(p, [])
+    return total
+
+
+# ----------------------------------------------------------------------------- requests
+def request_messages(protocol: str, sc: Scenario, images: np.ndarray) -> list[bytes]:
+    """The serialised request messages of one call (1 for unary, `messages` for a stream)."""
+    out = []
+    for m in range(sc.messages):
+        x = images[m * sc.images : (m + 1) * sc.images]
+        if protocol == "convserve":
+            req = pb.PredictRequest(
+                top_k=1,
+                images=[
+                    pb.Image(
+                        tensor=pb.Tensor(dtype=pb.UINT8, shape=list(i.shape), data=i.tobytes())
+                    )
+                    for i in x
+                ],
+            )
+        else:
+            req = v2.ModelInferRequest(model_name=MODEL)
+            req.inputs.add(name="images", datatype="UINT8", shape=list(x.shape))
+            req.outputs.add(name="probabilities")
+            req.raw_input_contents.append(x.tobytes())
+        out.append(req.SerializeToString())
+    return out
+
+
+def call(target: str, protocol: str, sc: Scenario, messages: list[bytes]) -> list[bytes]:
+    """Send one call's messages with a real gRPC client; the raw response messages."""
+    path = PATHS[(protocol, sc.kind)]
+    with grpc.insecure_channel(target) as ch:
+        if sc.kind == "unary":
+            return [ch.unary_unary(path)(messages[0], timeout=30)]
+        return list(ch.stream_stream(path)(iter(messages), timeout=60))
+
+
+def check_answers(
+    protocol: str, sc: Scenario, responses: list[bytes], expected: np.ndarray, content: bool
+) -> None:
+    """Every answer has one result per image; with `content`, equal to ORT in-process."""
+    if len(responses) != sc.messages:
+        raise AssertionError(f"{len(responses)} answers for {sc.messages} messages")
+    for m, data in enumerate(responses):
+        want = expected[m * sc.images : (m + 1) * sc.images]
+        if protocol == "convserve":
+            preds = pb.PredictResponse.FromString(data).predictions
+            if len(preds) != sc.images:
+                raise AssertionError(f"{len(preds)} predictions for {sc.images} images")
+            if content:
+                idx = np.array([p.classes[0].index for p in preds])
+                prob = np.array([p.classes[0].probability for p in preds])
+                if not np.array_equal(idx, want.argmax(1)):
+                    raise AssertionError("top-1 classes differ from ONNX Runtime in-process")
+                np.testing.assert_allclose(prob, want.max(1), atol=1e-4)
+        else:
+            if sc.kind == "stream":
+                error, resp = parse_stream_infer(data)
+                if error:
+                    raise AssertionError(error)
+            else:
+                resp = v2.ModelInferResponse.FromString(data)
+            got = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(want.shape)
+            np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- ceiling
+def ort_ceiling(model: Path, images: np.ndarray, seconds: float) -> dict[str, Any]:
+    """ONNX Runtime in-process, the session options convserve uses: images/s per batch."""
+    sess = ort.InferenceSession(
+        str(model), session_options(RuntimeOptions(device="cpu")), ["CPUExecutionProvider"]
+    )
+    out: dict[str, Any] = {}
+    for b in (1, 32, 64):
+        x = images[:b]
+        for _ in range(20):
+            sess.run(["probabilities"], {"images": x})
+        times: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            sess.run(["probabilities"], {"images": x})
+            times.append(time.perf_counter() - t0)
+        out[str(b)] = {
+            "images_per_s": round(b * len(times) / sum(times), 1),
+            "ms_per_run_p50": round(statistics.median(times) * 1e3, 4),
+            "runs": len(times),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- systems
+@contextlib.contextmanager
+def started(system: System, port: int, log: Path) -> Iterator[subprocess.Popen]:
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            system.command,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **system.env},
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_ready(
+    system: System, proc: subprocess.Popen, log: Path, probe: Callable[[], None], timeout: float
+) -> None:
+    """Until `listeners` processes listen and a real request is answered correctly (PyTriton
+    says ready before its model has loaded)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{system.name} exited with {proc.returncode}:\n{log.read_text()}")
+        listening = log.read_text().count("listening on") if system.listeners > 1 else 1
+        if listening >= system.listeners:
+            try:
+                probe()
+                return
+            except (grpc.RpcError, AssertionError, ValueError) as exc:
+                last = exc
+        time.sleep(0.25)
+    raise TimeoutError(f"{system.name} not ready after {timeout}s ({last}):\n{log.read_text()}")
+
+
+def systems(model: Path, port: int, mport: int, skip_triton: bool) -> list[System]:
+    py = sys.executable
+    serve = [
+        py,
+        "-m",
+        "serving.server",
+        "--model-repository",
+        str(model.parent.parent.parent),
+        "--model",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-host",
+        "127.0.0.1",
+        "--metrics-port",
+        str(mport),
+        "--poll-interval",
+        "0",
+    ]
+    naive = [py, "bench/naive_server.py", "--model", str(model), "--port", str(port)]
+    out = [
+        System(
+            "empty grpc.aio",
+            "convserve",
+            [*naive, "--empty"],
+            SINGLE[:1] + SINGLE[-1:],
+            checks_answers=False,
+        ),
+        System("naive", "convserve", naive, SINGLE + BULK),
+        System("convserve, no batching", "convserve", [*serve, "--max-batch-size", "1"], SINGLE),
+        System(
+            "convserve, no batching, 2 workers",
+            "convserve",
+            [*serve, "--max-batch-size", "1", "--workers", "2"],
+            SINGLE,
+            listeners=2,
+        ),
+        System("convserve", "convserve", serve, SINGLE + BULK),
+        System(
+            "convserve, 2 workers",
+            "convserve",
+            [*serve, "--workers", "2"],
+            SINGLE + BULK,
+            listeners=2,
+        ),
+    ]
+    tpy = TRITON_VENV / "bin" / "python"
+    if skip_triton:
+        pass
+    elif not tpy.exists():
+        print(
+            f"(no {TRITON_VENV}: Triton skipped; `make bench/.venv-triton/.installed` installs it)"
+        )
+    else:
+        libdir = subprocess.run(
+            [str(tpy), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        cmd = [
+            str(tpy),
+            "bench/triton_server.py",
+            "--model",
+            str(model),
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+        ]
+        # The backend stub links libpython3.X.so.1.0: the interpreter's own, not the system's.
+        ld = ":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+        triton = System("triton (pytriton)", "v2", cmd, SINGLE + BULK, env={"LD_LIBRARY_PATH": ld})
+        out.insert(2, triton)  # peers first, then ours
+    return out
+
+
+# ----------------------------------------------------------------------------- one run
+def measure(
+    system: System,
+    proc: subprocess.Popen,
+    target: str,
+    port: int,
+    sc: Scenario,
+    images: np.ndarray,
+    expected: np.ndarray,
+    args: argparse.Namespace,
+    tmp: Path,
+) -> dict[str, Any]:
+    """One scenario against a running system, bracketed by correctness passes."""
+    messages = request_messages(system.protocol, sc, images)
+    responses = call(target, system.protocol, sc, messages)  # correctness pass before
+    check_answers(system.protocol, sc, responses, expected, system.checks_answers)
+    answer_bytes = sum(5 + len(r) for r in responses)
+    cpu0 = tree_cpu_seconds(proc.pid)
+    client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, t0 = machine_busy_seconds(), time.monotonic()
+    if sc.kind == "unary":
+        out = _h2load(system, port, sc, messages, answer_bytes, args, tmp)
+    else:
+        out = _stream(system, target, sc, images.shape[1:], args, tmp)
+    client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy, wall = machine_busy_seconds() - busy0, time.monotonic() - t0
+    server_cpu = tree_cpu_seconds(proc.pid) - cpu0
+    client_cpu = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
+    responses = call(target, system.protocol, sc, messages)  # and after
+    check_answers(system.protocol, sc, responses, expected, system.checks_answers)
+    loaded = args.warmup + out["seconds"]  # the CPU counters ran during the warm-up too
+    return {
+        "system": system.name,
+        "scenario": sc.name,
+        "kind": sc.kind,
+        "concurrency": sc.concurrency,
+        "images_per_request": sc.images,
+        **out,
+        "server_cpu_ms_per_request": round(
+            1e3 * server_cpu / max(1.0, loaded * out["requests_per_s"]), 4
+        ),
+        "server_cpu_cores": round(server_cpu / loaded, 2),
+        "client_cpu_cores": round(client_cpu / loaded, 2),
+        # Cores busy with anything but this server and its load client: another job on
+        # the machine shows here (the driver itself idles while a run lasts).
+        "other_cpu_cores": round(max(0.0, busy - server_cpu - client_cpu) / wall, 2),
+    }
+
+
+def _h2load(
+    system: System,
+    port: int,
+    sc: Scenario,
+    messages: list[bytes],
+    answer_bytes: int,
+    args: argparse.Namespace,
+    tmp: Path,
+) -> dict[str, Any]:
+    body = tmp / "body.bin"
+    body.write_bytes(b"".join(h2grpc.frame(m) for m in messages))
+    path = PATHS[(system.protocol, sc.kind)]
+    r = h2grpc.run(port, path, body, sc.concurrency, args.duration, args.warmup, tmp / "h2.log")
+    byte_ratio = r.data_bytes / max(1, r.done * answer_bytes)
+    return {
+        "client": "h2load",
+        "requests": r.done,
+        "failed": r.failed,
+        "seconds": round(r.seconds, 3),
+        "requests_per_s": round(r.done / r.seconds, 1),
+        "images_per_s": round(r.done * sc.images / r.seconds, 1),
+        "latency_ms": r.latency_ms,
+        "answer_bytes": answer_bytes,
+        "received_bytes_ratio": round(byte_ratio, 4),
+        # h2load counts a failed gRPC call (HTTP 200, status in trailers) as a success;
+        # a failed call carries no data, so the bytes received tell.
+        "valid": r.failed == 0 and abs(byte_ratio - 1) < 0.01,
+        "command": r.command,
+    }
+
+
+def _stream(
+    system: System,
+    target: str,
+    sc: Scenario,
+    shape: tuple[int, ...],
+    args: argparse.Namespace,
+    tmp: Path,
+) -> dict[str, Any]:
+    """Streams are loaded by cnn-bench: `concurrency` streams, one message in flight on each
+    (at 32 images a message the Python client costs little)."""
+    out = tmp / "stream.json"
+    mode = "v2-stream" if system.protocol == "v2" else "stream"
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving.loadgen",
+        "--target",
+        target,
+        "--mode",
+        mode,
+        "--model",
+        MODEL if system.protocol == "v2" else "",
+        "--shape",
+        ",".join(map(str, shape)),
+        "--concurrency",
+        str(sc.concurrency),
+        "--images-per-request",
+        str(sc.images),
+        "--duration",
+        f"{args.duration:g}",
+        "--warmup",
+        f"{args.warmup:g}",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if not out.exists():
+        raise RuntimeError(f"cnn-bench failed:\n{proc.stdout}\n{proc.stderr}")
+    r = json.loads(out.read_text())
+    return {
+        "client": "cnn-bench",
+        "requests": r["requests"],
+        "failed": r["error_count"],
+        "seconds": r["duration_s"],
+        "requests_per_s": r["requests_per_s"],
+        "images_per_s": r["images_per_s"],
+        "latency_ms": r["latency_ms"],
+        "valid": r["error_count"] == 0,
+        "command": "cnn-bench " + " ".join(cmd[3:-2]),
+    }
+
+
+def python_client_runs(
+    target: str, args: argparse.Namespace, tmp: Path, c64_rps: float
+) -> list[dict]:
+    """cnn-bench (the Python load generator) against convserve: closed loop at 64 in flight,
+    and open loop at half of what h2load measured there."""
+    runs = []
+    rate = max(50, round(0.5 * c64_rps, -1))
+    for extra in (["--concurrency", "64"], ["--rate", str(rate)]):
+        out = tmp / "cnn-bench.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "serving.loadgen",
+            "--target",
+            target,
+            "--duration",
+            f"{args.duration:g}",
+            "--warmup",
+            f"{args.warmup:g}",
+            *extra,
+            "--json",
+            str(out),
+        ]
+        subprocess.run(
+            cmd, cwd=ROOT, check=False, capture_output=True, timeout=args.duration * 3 + 60
+        )
+        if out.exists():
+            r = json.loads(out.read_text())
+            r["command"] = "cnn-bench " + " ".join(cmd[4:-2])
+            runs.append(r)
+            out.unlink()
+    return runs
+
+
+def profile(
+    system: System, proc: subprocess.Popen, port: int, sc: Scenario, images, tmp: Path, dest: Path
+) -> str | None:
+    """py-spy (native frames too) on the server while h2load holds the scenario's load."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        return None
+    body = tmp / "body.bin"
+    body.write_bytes(
+        b"".join(h2grpc.frame(m) for m in request_messages(system.protocol, sc, images))
+    )
+    conns, streams = h2grpc.layout(sc.concurrency)
+    load = subprocess.Popen(
+        [
+            "h2load",
+            f"http://127.0.0.1:{port}{PATHS[(system.protocol, sc.kind)]}",
+            "-d",
+            str(body),
+            "-H",
+            "te: trailers",
+            "-H",
+            "content-type: application/grpc",
+            "-c",
+            str(conns),
+            "-m",
+            str(streams),
+            "-D",
+            "10s",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1)
+    raw = dest.with_suffix(".collapsed")
+    subprocess.run(
+        [
+            pyspy,
+            "record",
+            "--pid",
+            str(proc.pid),
+            "--duration",
+            "7",
+            "--rate",
+            "100",
+            "--native",  # gRPC core, protobuf and ORT frames too (not with --nonblocking)
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ],
+        capture_output=True,
+        check=False,
+    )
+    load.wait()
+    if not raw.exists():
+        return None
+    from serving_report import summarise_profile
+
+    text = summarise_profile(raw.read_text())
+    dest.write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-repository", type=Path, help="holds fashion-mnist/<version>/")
+    p.add_argument(
+        "--work", type=Path, default=ROOT / "runs/bench-serving", help="training work dir"
+    )
+    p.add_argument("--out-dir", type=Path, default=ROOT / "bench/results")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds measured per run")
+    p.add_argument("--warmup", type=float, default=1.5, help="seconds of warm-up load per run")
+    p.add_argument("--skip-triton", action="store_true")
+    p.add_argument("--only", help="comma-list of system names to run (default: all)")
+    p.add_argument("--profile", choices=["auto", "always", "never"], default="auto")
+    args = p.parse_args()
+    if h2grpc.available() is None:
+        raise SystemExit("h2load is missing: apt-get install nghttp2-client")
+
+    t_start = time.monotonic()
+    model = find_model(args.model_repository, args.work)
+    manifest = json.loads((model.parent / "manifest.json").read_text())
+    shape = tuple(int(manifest["input"][k]) for k in ("channels", "height", "width"))
+    images = test_images(shape)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    expected = sess.run(["probabilities"], {"images": images[:1024]})[0]
+    del sess
+    info = machine()
+    load = info["load_average_at_start"]
+    print(f"model {model}; machine {info['cpu']} x{info['cores']}; load average {load}")
+
+    ceiling = ort_ceiling(model, images, seconds=max(0.5, args.duration / 2))
+    print("ceiling (ORT in-process):", {b: c["images_per_s"] for b, c in ceiling.items()})
+    port, mport = free_port(), free_port()
+    target = f"127.0.0.1:{port}"
+    results: list[dict] = []
+    python_runs: list[dict] = []
+    profile_text = None
+    wanted = set(args.only.split(",")) if args.only else None
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for system in systems(model, port, mport, args.skip_triton):
+            if wanted and system.name not in wanted:
+                continue
+            log = tmp / "server.log"
+            t0 = time.monotonic()
+            with started(system, port, log) as proc:
+                first = system.scenarios[0]
+                msgs = request_messages(system.protocol, first, images)
+
+                def probe(system=system, first=first, msgs=msgs) -> None:
+                    resp = call(target, system.protocol, first, msgs)
+                    check_answers(system.protocol, first, resp, expected, system.checks_answers)
+
+                wait_ready(system, proc, log, probe, timeout=120)
+                print(f"== {system.name} (ready in {time.monotonic() - t0:.1f}s)", flush=True)
+                for sc in system.scenarios:
+                    r = measure(system, proc, target, port, sc, images, expected, args, tmp)
+                    results.append(r)
+                    lat = r["latency_ms"]
+                    print(
+                        f"  {sc.name:<32} {r['requests_per_s']:>8.1f} req/s "
+                        f"{r['images_per_s']:>8.1f} img/s  p50 {lat['p50']:.3f} "
+                        f"p99 {lat['p99']:.3f} ms  server {r['server_cpu_cores']:.2f} cores, "
+                        f"client {r['client_cpu_cores']:.2f}, other {r['other_cpu_cores']:.2f}"
+                        f"{'' if r['valid'] else '  INVALID'}",
+                        flush=True,
+                    )
+                if system.name == "convserve":
+                    c64 = next(
+                        r
+                        for r in results
+                        if r["system"] == "convserve"
+                        and r["concurrency"] == 64
+                        and r["images_per_request"] == 1
+                    )
+                    python_runs = python_client_runs(target, args, tmp, c64["requests_per_s"])
+                    for r in python_runs:
+                        lat = r["latency_ms"]
+                        print(
+                            f"  cnn-bench {r['loop']} loop: {r['requests_per_s']} req/s, "
+                            f"p50 {lat['p50']} ms, p99 {lat['p99']} ms, errors {r['errors']}"
+                        )
+        if args.profile != "never":
+            missed = any(not t["met"] for t in targets(results, ceiling))
+            if args.profile == "always" or missed:
+                system = next(s for s in systems(model, port, mport, True) if s.name == "convserve")
+                log = tmp / "server.log"
+                with started(system, port, log) as proc:
+                    wait_ready(system, proc, log, lambda: None, timeout=120)
+                    time.sleep(1.0)
+                    texts = []
+                    for sc in (SINGLE[0], SINGLE[-1]):  # concurrency 1 and 64
+                        dest = args.out_dir / f"serving_profile_c{sc.concurrency}.txt"
+                        text = profile(system, proc, port, sc, images, tmp, dest)
+                        texts.append(f"== py-spy, convserve, {sc.name}\n{text}")
+                    profile_text = "\n".join(texts)
+    doc = {
+        "model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
+        "model_test_accuracy": manifest.get("test_accuracy"),
+        "machine": info,
+        "code": code_version(),
+        "method": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "client": "h2load with pre-serialised gRPC bodies (bench/h2grpc.py); "
+            "connections = min(8, concurrency), streams per connection = concurrency / connections",
+            "checks": "a correctness pass with a real gRPC client before and after each run "
+            "(answers equal ONNX Runtime in-process), and h2load's received data bytes = "
+            "calls x the size of a correct answer",
+        },
+        "ceiling": ceiling,
+        "results": results,
+        "python_client": python_runs,
+        "wall_s": round(time.monotonic() - t_start, 1),
+    }
+    text, checks = markdown(results, ceiling, python_runs, info, doc["method"])
+    doc["targets"] = checks
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "serving.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out_dir / "serving.md").write_text(text)
+    fig = latency_throughput_figure(results, ceiling)
+    fig.savefig(args.out_dir / "latency_throughput.png", dpi=110)
+    print(text)
+    if profile_text:
+        print(profile_text)
+    print(
+        f"wrote {args.out_dir}/serving.json, serving.md, latency_throughput.png in {doc['wall_s']}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
