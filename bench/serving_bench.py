@@ -535,8 +535,7 @@ def _stream(
         target,
         "--mode",
         mode,
-        "--model",
-        MODEL if system.protocol == "v2" else "",
+        *(["--model", MODEL] if system.protocol == "v2" else []),
         "--shape",
         ",".join(map(str, shape)),
         "--concurrency",
@@ -595,7 +594,7 @@ def python_client_runs(
         )
         if out.exists():
             r = json.loads(out.read_text())
-            r["command"] = "cnn-bench " + " ".join(cmd[4:-2])
+            r["command"] = "cnn-bench " + " ".join(cmd[3:-2])
             runs.append(r)
             out.unlink()
     return runs

@@ -173,7 +173,7 @@ def markdown(
 def latency_throughput_figure(results: list[dict], ceiling: dict[str, Any] | None = None) -> Figure:
     """p50 and p99 latency against requests/s for single-image unary requests, one line per
     system, from concurrency 1 to 64; the in-process ORT ceilings as vertical lines."""
-    fig = Figure(figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 5.2))
     axes = fig.subplots(1, 2, sharey=True)
     single = [r for r in results if r["images_per_request"] == 1 and r["kind"] == "unary"]
     for ax, q in zip(axes, ("p50", "p99"), strict=True):
@@ -203,13 +203,14 @@ def latency_throughput_figure(results: list[dict], ceiling: dict[str, Any] | Non
         ax.set_title(f"{q} latency vs throughput")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("latency (ms, log scale)")
-    axes[1].legend(fontsize=8, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(
         "Single-image Predict under h2load at 1, 8, 32 and 64 requests in flight "
         "(same machine, same model): further right is faster, lower is snappier",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
 
