@@ -35,7 +35,16 @@ $(TRITON_VENV)/.installed:
 	$(TRITON_VENV)/bin/pip install -q 'tritonclient[grpc]==2.73.0' numpy
 	touch $@
 
-test: install data $(TRITON_VENV)/.installed  ## the whole test suite
+CHECKOV_VENV := .venv-checkov
+
+# checkov (policy linter for deploy/k8s) in a venv of its own: it pins old packaging and boto
+# releases that must not leak into .venv.
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==3.3.30'
+	touch $@
+
+test: install data $(TRITON_VENV)/.installed $(CHECKOV_VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
 
 lint: install

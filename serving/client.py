@@ -128,11 +128,23 @@ class TLS:
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
+SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+
+
 def channel_target(target: str | Sequence[str]) -> str:
-    """`host:port`, a `dns:///name:port` target, or a list of `ip:port` addresses."""
+    """`host:port`, a `dns:///name:port` target, or a list (or comma-list) of `ip:port`."""
     if isinstance(target, str):
-        return target
+        if "," not in target or target.startswith(SCHEMES):
+            return target
+        target = target.split(",")
     return "ipv4:" + ",".join(target)
+
+
+def default_load_balancing(target: str | Sequence[str]) -> str | None:
+    """round_robin where the target names several servers: a list of addresses, or a
+    `dns:///` name (a headless Service resolves to every ready pod); else gRPC's pick_first."""
+    resolved = channel_target(target)
+    return "round_robin" if resolved.startswith(("dns:", "ipv4:", "ipv6:")) else None
 
 
 def channel_options(
@@ -203,8 +215,8 @@ class _Base:
         self.timeout = timeout
         self.retry = retry
         self.metadata = tuple(metadata)
-        if load_balancing is None and not isinstance(target, str):
-            load_balancing = "round_robin"
+        if load_balancing is None:
+            load_balancing = default_load_balancing(target)
         self._opts = channel_options(load_balancing, tls, max_message_bytes)
         self._creds = tls.credentials() if tls is not None else None
 

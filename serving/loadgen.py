@@ -250,12 +250,11 @@ def _tls(cfg: LoadConfig) -> TLS | None:
 
 
 def _channel_args(cfg: LoadConfig, index: int) -> tuple[str, list[tuple[str, Any]]]:
-    from serving.client import channel_options
+    from serving.client import channel_options, channel_target, default_load_balancing
 
-    addresses = cfg.target.split(",")
-    target = addresses[0] if len(addresses) == 1 else "ipv4:" + cfg.target
-    lb = "round_robin" if len(addresses) > 1 else None
-    opts = channel_options(lb, _tls(cfg), MAX_MESSAGE_BYTES)
+    # A comma-list of addresses or a dns:/// name (headless Service): round_robin over them.
+    target = channel_target(cfg.target)
+    opts = channel_options(default_load_balancing(target), _tls(cfg), MAX_MESSAGE_BYTES)
     # A private subchannel pool (and a distinct arg) makes each channel its own connection.
     opts += [("grpc.use_local_subchannel_pool", 1), ("convserve.bench_channel", index)]
     return target, opts
@@ -608,7 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a convserve (or KServe V2) server over gRPC and report requests/s, "
         "images/s, latency percentiles and errors by status code.",
     )
-    p.add_argument("--target", default=d.target, help="HOST:PORT, or a comma-list of IP:PORT")
+    p.add_argument(
+        "--target",
+        default=d.target,
+        help="HOST:PORT, dns:///NAME:PORT or a comma-list of IP:PORT (both round_robin)",
+    )
     p.add_argument(
         "--mode",
         choices=MODES,

@@ -6,6 +6,7 @@ Used by container HEALTHCHECKs and scripts (`--wait 60` polls until SERVING or t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +38,9 @@ def wait_serving(target: str, timeout: float, service: str = "") -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="convserve-probe", description=__doc__)
-    p.add_argument("target", nargs="?", default="localhost:50051")
+    # A container HEALTHCHECK has no shell to expand variables: follow cnn-serve's port.
+    default = f"localhost:{os.environ.get('CONVSERVE_PORT', '50051')}"
+    p.add_argument("target", nargs="?", default=default, help=f"HOST:PORT (default {default})")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
     p.add_argument("--wait", type=float, default=0.0, help="poll up to this many seconds")
     args = p.parse_args(argv)

@@ -65,6 +65,10 @@ class ServerConfig:
     workers: int = 1
     poll_interval: float = 5.0
     drain_timeout: float = 30.0
+    # Long-lived clients re-resolve and reconnect after this age, so a scaled-out Deployment
+    # behind one ClusterIP spreads them over the new pods (0: connections live forever).
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float = 30.0  # RPCs in flight on an aged connection get this long
     max_message_bytes: int = 16 * 1024 * 1024
     max_images_per_request: int = 256
     max_model_bytes: int = 512 * 1024 * 1024
@@ -157,6 +161,16 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int | str]]:
         # A stale server on the same port must not silently take our traffic; only
         # workers of one server share a port (the parent reserves it).
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+        *_connection_age_options(config),
+    ]
+
+
+def _connection_age_options(config: ServerConfig) -> list[tuple[str, int | str]]:
+    if config.max_connection_age <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000)),
     ]
 
 
@@ -282,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("workers", int, d.workers, "worker processes sharing the port")
     add("poll-interval", float, d.poll_interval, "seconds between repository scans (0: never)")
     add("drain-timeout", float, d.drain_timeout, "seconds to finish admitted requests on SIGTERM")
+    add(
+        "max-connection-age",
+        float,
+        d.max_connection_age,
+        "seconds before a client connection is asked to reconnect (GOAWAY; 0: never)",
+    )
+    add(
+        "max-connection-age-grace",
+        float,
+        d.max_connection_age_grace,
+        "seconds an aged connection keeps for the RPCs still running on it",
+    )
     add("max-message-bytes", int, d.max_message_bytes, "largest request or response")
     add("max-images-per-request", int, d.max_images_per_request, "images in one request")
     add("max-model-bytes", int, d.max_model_bytes, "largest model file that will be loaded")
@@ -323,6 +349,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         workers=a.workers,
         poll_interval=a.poll_interval,
         drain_timeout=a.drain_timeout,
+        max_connection_age=a.max_connection_age,
+        max_connection_age_grace=a.max_connection_age_grace,
         max_message_bytes=a.max_message_bytes,
         max_images_per_request=a.max_images_per_request,
         max_model_bytes=a.max_model_bytes,

@@ -33,16 +33,17 @@ class ServerProcess:
     port: int
     metrics_port: int
     log_path: Path
+    host: str = "127.0.0.1"  # the gRPC and metrics bind address
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target)
 
     def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        url = f"http://{self.host}:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             return r.read().decode()
 
@@ -66,9 +67,12 @@ def start_server(
     wait: bool = True,
     timeout: float = 60.0,
     env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    metrics_port: int = 0,
 ) -> ServerProcess:
-    port, mport = free_port(), free_port()
-    log_path = tmp / f"server-{port}.log"
+    port, mport = port or free_port(), metrics_port or free_port()
+    log_path = tmp / f"server-{host}-{port}.log"
     cmd = [
         sys.executable,
         "-m",
@@ -76,11 +80,11 @@ def start_server(
         "--model-repository",
         str(repository),
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--metrics-host",
-        "127.0.0.1",
+        host,
         "--metrics-port",
         str(mport),
         *args,
@@ -89,7 +93,7 @@ def start_server(
         proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    server = ServerProcess(proc, port, mport, log_path)
+    server = ServerProcess(proc, port, mport, log_path, host)
     if wait:
         wait_serving(server, timeout)
     return server
