@@ -49,3 +49,4 @@ kill -TERM $SERVER
 wait $SERVER
 trap - EXIT
 echo "done: run directory $RUN (results.json, metrics.jsonl, models/, server.log)"
+echo "report: $RUN/report.html (what the network learned; open it in a browser)"

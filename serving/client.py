@@ -199,6 +199,53 @@ def _info(info: pb.ModelInfo) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """What Classifier.Explain answered for one image."""
+
+    model: str
+    version: int
+    classes: tuple[ClassScore, ...]  # every class, most probable first
+    target_class: int  # the class the heatmap tracks
+    heatmap: np.ndarray  # (rows, cols) float32: probability drop when each patch is hidden
+    forward_passes: int
+    overlay_png: bytes  # empty unless render_png was asked for
+    activations: np.ndarray | None  # (C, H, W) float32 of activation_stage, if asked
+
+    @property
+    def label(self) -> str:
+        return self.classes[0].label
+
+
+def _tensor(t: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, dtype="<f4").reshape(tuple(t.shape)).copy()
+
+
+def _explain_request(image: Any, model: str, version: int, **kw: Any) -> pb.ExplainRequest:
+    target = kw.pop("target_class", None)
+    return pb.ExplainRequest(
+        model=model,
+        version=version,
+        image=to_image(image),
+        target_class=target or 0,
+        has_target_class=target is not None,
+        **kw,
+    )
+
+
+def _explanation(resp: pb.ExplainResponse) -> Explanation:
+    return Explanation(
+        model=resp.model,
+        version=resp.version,
+        classes=tuple(ClassScore(c.index, c.label, c.probability) for c in resp.prediction.classes),
+        target_class=resp.target_class,
+        heatmap=_tensor(resp.heatmap),
+        forward_passes=resp.forward_passes,
+        overlay_png=resp.overlay_png,
+        activations=_tensor(resp.activations[0]) if resp.activations else None,
+    )
+
+
 class _Base:
     def __init__(
         self,
@@ -311,6 +358,36 @@ class Client(_Base):
         req = pb.ModelInfoRequest(model=model, version=version)
         return _info(self._call(self.stub.GetModelInfo, req, None))
 
+    def explain(
+        self,
+        image: Any,
+        *,
+        patch_size: int = 0,
+        stride: int = 0,
+        target_class: int | None = None,
+        render_png: bool = False,
+        activation_stage: str = "",
+        model: str = "",
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> Explanation:
+        """Occlusion heatmap (and optionally a stage's activation maps) for one image.
+
+        patch_size/stride 0 use the server's defaults (a quarter of the image; stride = patch);
+        target_class None tracks the top-1 class. Costs the server 1 + P forward passes.
+        """
+        req = _explain_request(
+            image,
+            model,
+            version,
+            patch_size=patch_size,
+            stride=stride,
+            target_class=target_class,
+            render_png=render_png,
+            activation_stage=activation_stage,
+        )
+        return _explanation(self._call(self.stub.Explain, req, timeout))
+
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status name: SERVING, NOT_SERVING, ..."""
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -394,6 +471,14 @@ class AsyncClient(_Base):
         finally:
             call.cancel()  # a caller that stops early must not hold the stream open
 
+    async def explain(
+        self, image: Any, *, model: str = "", version: int = 0, **kw: Any
+    ) -> Explanation:
+        """`Client.explain`, awaited (same keyword options)."""
+        timeout = kw.pop("timeout", None)
+        req = _explain_request(image, model, version, **kw)
+        return _explanation(await self._call(self.stub.Explain, req, timeout))
+
     async def model_info(self, model: str = "", version: int = 0) -> dict[str, Any]:
         req = pb.ModelInfoRequest(model=model, version=version)
         return _info(await self._call(self.stub.GetModelInfo, req, None))
@@ -448,6 +533,12 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        type=Path,
+        help="also write an occlusion overlay PNG per image into DIR (1 + P passes each)",
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
     args = p.parse_args(argv)
     tls = TLS(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca or args.tls_cert else None
@@ -475,6 +566,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                         known += 1
                         correct += pred.index == truth
                 bar.update(len(chunk))
+            if args.explain:
+                _write_explanations(client, files, args.explain, args.model)
         except PredictionError as exc:
             print(f"cnn-predict: {exc}", file=sys.stderr)
             return 1
@@ -485,6 +578,21 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _write_explanations(client: Client, files: Sequence[Path], out: Path, model: str) -> None:
+    """One `<stem>.explain.png` overlay per image (a numbered suffix when stems repeat)."""
+    out.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    for f in files:
+        name, n = f"{f.stem}.explain.png", 1
+        while name in taken:
+            n += 1
+            name = f"{f.stem}-{n}.explain.png"
+        taken.add(name)
+        ex = client.explain(f, render_png=True, model=model)
+        (out / name).write_bytes(ex.overlay_png)
+    print(f"explanations: {len(files)} overlay PNGs in {out}", file=sys.stderr)
 
 
 def _print(path: Path, pred: Prediction, as_json: bool) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving import occlusion
 from serving.codec import decode_image, float_to_uint8, tensor_to_image, top_k
 from serving.errors import InvalidInput
 from serving.repository import ModelRepository, ModelVersion
@@ -26,6 +27,7 @@ INLINE_DECODE_BYTES = 256 * 1024
 class Limits:
     max_images_per_request: int = 256
     max_top_k: int = 1000
+    max_explain_positions: int = 1024  # occlusion patch positions (forward passes - 1)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,14 @@ class Classification:
     model: ModelVersion
     indices: np.ndarray  # (N, k) int
     probabilities: np.ndarray  # (N, k) float32
+
+
+@dataclass
+class Explanation:
+    model: ModelVersion
+    occlusion: occlusion.Occlusion
+    activations: np.ndarray | None  # (C, H, W) float32 of the requested stage
+    overlay_png: bytes
 
 
 class DataPlane:
@@ -103,6 +113,48 @@ class DataPlane:
         out = await mv.infer(rows, deadline)
         idx, probs = top_k(out[:, 1], k)
         return Classification(mv, idx, probs)
+
+    async def explain(
+        self,
+        mv: ModelVersion,
+        image: np.ndarray,
+        *,
+        patch: int = 0,
+        stride: int = 0,
+        target: int | None = None,
+        stage: str = "",
+        render_png: bool = False,
+        deadline: float | None = None,
+    ) -> Explanation:
+        """Occlusion sensitivity of one (C, H, W) image: its 1 + P rows go through the same
+        batcher as Predict; a stage's activation maps come from the insight graph."""
+        try:
+            g = occlusion.grid(image.shape[1], image.shape[2], patch, stride)
+        except occlusion.OcclusionError as exc:
+            raise InvalidInput(str(exc)) from None
+        if g.positions > self.limits.max_explain_positions:
+            raise InvalidInput(
+                f"patch_size {g.patch} with stride {g.stride} needs {g.positions} positions; "
+                f"the limit is {self.limits.max_explain_positions} (use a larger stride)"
+            )
+        if target is not None and not 0 <= target < mv.num_classes:
+            raise InvalidInput(f"target_class must be in 0..{mv.num_classes - 1}, got {target}")
+        if stage and stage not in mv.stages:
+            have = ", ".join(mv.stages) or "none: this version has no model.insight.onnx"
+            raise InvalidInput(f"activation_stage {stage!r} is not a stage (stages: {have})")
+        rows = occlusion.occluded_rows(image, g, occlusion.fill_value(mv.manifest["mean"]))
+        out = await mv.infer(rows, deadline)
+        result = occlusion.heatmap_from(out[:, 1], g, target)
+        maps = None
+        if stage:
+            loop = asyncio.get_running_loop()
+            session = mv.insight
+            assert session is not None  # mv.stages is empty without it
+            run = session.run
+            maps = (await loop.run_in_executor(mv.executor, run, image[None], (stage,)))[0][0]
+            maps = np.asarray(maps, dtype=np.float32)
+        png = occlusion.overlay_png(image, result.heatmap, g) if render_png else b""
+        return Explanation(mv, result, maps, png)
 
     def batch_tensor(
         self, mv: ModelVersion, dtype: str, shape: Sequence[int], data: bytes

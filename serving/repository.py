@@ -38,6 +38,7 @@ VARIANT_FILES = {
     "int8": "model.int8.onnx",
     "fp16": "model.fp16.onnx",
 }
+INSIGHT_FILE = "model.insight.onnx"  # stage activations as extra outputs (Explain only)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,14 @@ class ModelVersion:
     executor: concurrent.futures.ThreadPoolExecutor
     variant_file: str
     opset: int
+    insight: Session | None = None  # model.insight.onnx, when the version has one
+
+    @property
+    def stages(self) -> dict[str, dict[str, Any]]:
+        """The insight graph's stage outputs by name (manifest["insight"]["stages"])."""
+        if self.insight is None:
+            return {}
+        return {s["name"]: s for s in (self.manifest.get("insight") or {}).get("stages", [])}
 
     async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """(N, C, H, W) uint8 -> (N, 2, K): logits and probabilities per row."""
@@ -253,6 +262,7 @@ class ModelRepository:
         manifest, spec, labels, session, fname = await loop.run_in_executor(
             self._loader, self._open, vdir
         )
+        insight = await loop.run_in_executor(self._loader, self._open_insight, vdir, manifest)
         executor = concurrent.futures.ThreadPoolExecutor(
             self.batching.instances, thread_name_prefix=f"ort-{name}-{version}"
         )
@@ -284,6 +294,7 @@ class ModelRepository:
             executor,
             fname,
             int(manifest.get("opset", 0)),
+            insight,
         )
 
     def _open(self, vdir: Path) -> tuple[dict, InputSpec, tuple[str, ...], Session, str]:
@@ -317,6 +328,22 @@ class ModelRepository:
         except Exception as exc:
             raise ModelLoadError(f"{path}: warm-up failed: {exc}") from None
         return manifest, spec, labels, session, fname
+
+    def _open_insight(self, vdir: Path, manifest: dict[str, Any]) -> Session | None:
+        """The insight graph's session, or None (then Explain returns no activations)."""
+        path = vdir / INSIGHT_FILE
+        if not manifest.get("insight") or not path.is_file():
+            return None
+        data = path.read_bytes()
+        digest = manifest.get("files", {}).get(INSIGHT_FILE)
+        if digest and hashlib.sha256(data).hexdigest() != digest:
+            raise ModelLoadError(f"{path}: SHA-256 differs from manifest.json (tampered or torn)")
+        try:
+            return Session(data, self.runtime, f"{vdir.parent.name}:{vdir.name}:insight")
+        except DeviceUnavailable:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: ONNX Runtime refused the model: {exc}") from None
 
     def _install(self, mv: ModelVersion) -> None:
         versions = self._models.setdefault(mv.name, {})

@@ -71,6 +71,7 @@ class ServerConfig:
     max_connection_age_grace: float = 30.0  # RPCs in flight on an aged connection get this long
     max_message_bytes: int = 16 * 1024 * 1024
     max_images_per_request: int = 256
+    max_explain_positions: int = 1024  # occlusion positions per Explain (forward passes - 1)
     max_model_bytes: int = 512 * 1024 * 1024
     log_format: str = "text"
     log_level: str = "info"
@@ -186,7 +187,10 @@ async def create_server(
         MetricsEvents(metrics),
     )
     decode_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="decode")
-    plane = DataPlane(repository, Limits(config.max_images_per_request), decode_executor)
+    limits = Limits(
+        config.max_images_per_request, max_explain_positions=config.max_explain_positions
+    )
+    plane = DataPlane(repository, limits, decode_executor)
     health = HealthServicer()  # it starts out SERVING for "": say NOT_SERVING until loaded
     app = App(config, metrics, repository, health, decode_executor=decode_executor)
     await app._set_health()
@@ -310,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("max-message-bytes", int, d.max_message_bytes, "largest request or response")
     add("max-images-per-request", int, d.max_images_per_request, "images in one request")
+    add(
+        "max-explain-positions",
+        int,
+        d.max_explain_positions,
+        "occlusion patch positions one Explain may run (each is a forward pass)",
+    )
     add("max-model-bytes", int, d.max_model_bytes, "largest model file that will be loaded")
     add("log-format", str, d.log_format, "text | json", choices=["text", "json"])
     add("log-level", str, d.log_level, "debug | info | warning | error")
@@ -326,6 +336,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         ("instances", 1),
         ("workers", 1),
         ("max-images-per-request", 1),
+        ("max-explain-positions", 1),
         ("max-message-bytes", 1024),
     ):
         if getattr(a, name.replace("-", "_")) < low:
@@ -353,6 +364,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         max_connection_age_grace=a.max_connection_age_grace,
         max_message_bytes=a.max_message_bytes,
         max_images_per_request=a.max_images_per_request,
+        max_explain_positions=a.max_explain_positions,
         max_model_bytes=a.max_model_bytes,
         log_format=a.log_format,
         log_level=a.log_level,

@@ -138,6 +138,11 @@ def _image_inputs(images: Any) -> list[ImageInput]:
     return out
 
 
+def _float_tensor(a: np.ndarray) -> pb.Tensor:
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return pb.Tensor(dtype=pb.FLOAT32, shape=list(a.shape), data=a.tobytes())
+
+
 class ClassifierServicer(_Servicer, pb_grpc.ClassifierServicer):
     async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         mv = self.plane.model(request.model, request.version)
@@ -180,6 +185,43 @@ class ClassifierServicer(_Servicer, pb_grpc.ClassifierServicer):
     @rpc("PredictStream")
     async def _stream_one(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         return await self._predict(request, context)
+
+    @rpc("Explain")
+    async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
+        mv = self.plane.model(request.model, request.version)
+        if not request.HasField("image"):
+            raise errors.InvalidInput("request has no image")
+        image = (await self.plane.decode_async(_image_inputs([request.image]), mv))[0]
+        ex = await self.plane.explain(
+            mv,
+            image,
+            patch=request.patch_size,
+            stride=request.stride,
+            target=request.target_class if request.has_target_class else None,
+            stage=request.activation_stage,
+            render_png=request.render_png,
+            deadline=deadline_of(context),
+        )
+        occ = ex.occlusion
+        order = np.argsort(-occ.probabilities, kind="stable")
+        probs = occ.probabilities
+        prediction = pb.Prediction(
+            classes=[
+                pb.ClassScore(index=int(i), label=mv.labels[i], probability=float(probs[i]))
+                for i in order
+            ]
+        )
+        activations = [] if ex.activations is None else [_float_tensor(ex.activations)]
+        return pb.ExplainResponse(
+            model=mv.name,
+            version=mv.version,
+            prediction=prediction,
+            heatmap=_float_tensor(occ.heatmap),
+            overlay_png=ex.overlay_png,
+            target_class=occ.target,
+            forward_passes=occ.forward_passes,
+            activations=activations,
+        )
 
     @rpc("GetModelInfo")
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: Any) -> pb.ModelInfo:

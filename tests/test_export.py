@@ -56,6 +56,7 @@ CONTRACT_KEYS = {
     "parity",
     "variants",
     "rejected_variants",
+    "insight",
     "training",
     "created_at",
     "source_commit",
@@ -124,7 +125,12 @@ def test_manifest_has_exactly_the_contract_keys_and_true_file_digests(manifest, 
     created = datetime.fromisoformat(manifest["created_at"])
     assert created.utcoffset() == timedelta(0)
     assert manifest["training"]["data"]["name"] == "fashion-mnist"
-    assert set(manifest["files"]) == {"model.onnx", "model.opt.onnx", "model.int8.onnx"}
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "model.opt.onnx",
+        "model.int8.onnx",
+        "model.insight.onnx",
+    }
     for filename, digest in manifest["files"].items():
         assert _sha256(version_dir / filename) == digest, filename
     assert sorted(p.name for p in version_dir.iterdir()) == sorted(
@@ -287,7 +293,11 @@ def test_variants_that_lose_accuracy_or_fail_are_rejected_and_not_written(
     assert bad["accuracy_drop"] > 0.5 and "points below fp32" in bad["reason"]
     assert bad["test_accuracy"] < m["test_accuracy"]
     assert "quantiser exploded" in m["rejected_variants"]["model.int8.onnx"]["reason"]
-    assert sorted(p.name for p in result.version_dir.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in result.version_dir.iterdir()) == [
+        "manifest.json",
+        "model.insight.onnx",
+        "model.onnx",
+    ]
 
 
 # ----------------------------------------------------------------------------- the repository

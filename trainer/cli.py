@@ -48,6 +48,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding the dataset's files (data.data_dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("--no-export", action="store_true", help="do not export to ONNX at the end")
+    p.add_argument(
+        "--no-report", action="store_true", help="do not write OUT/report.html at the end"
+    )
     p.add_argument("--repository", help="model repository to export into (export.repository)")
     p.add_argument(
         "--auto-resume",
@@ -147,6 +150,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         f"({result.train_seconds:.0f}s, {result.images_per_s:.0f} img/s); "
         f"results in {result.run_dir / 'results.json'}"
     )
+    if not args.no_report:
+        _write_report(result.run_dir, args.data_dir)
     if args.no_export or not recipe.export.enabled:
         return 0
     from trainer.export import ExportError, export_checkpoint
@@ -168,6 +173,16 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"exported {exported.version_dir}")
     return 0
+
+
+def _write_report(run_dir: Path, data_dir: str | None) -> None:
+    """The run's HTML report; a failure is reported and does not fail the trained run."""
+    from trainer.report import ReportError, build_run_report
+
+    try:
+        print(f"report {build_run_report(run_dir, data_dir=data_dir)}")
+    except ReportError as exc:
+        print(f"cnn-train: warning: no report: {_one_line(exc)}", file=sys.stderr)
 
 
 def _resume_after_restart(args: argparse.Namespace, world: World) -> bool:

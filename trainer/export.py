@@ -6,6 +6,9 @@ The version folder is the one contract between training and serving:
     <repository>/<name>/<version>/model.onnx uint8 NCHW `images` -> `logits`, `probabilities`
     <repository>/<name>/<version>/manifest.json
     <repository>/<name>/<version>/model.opt.onnx | model.int8.onnx | model.fp16.onnx (optional)
+    <repository>/<name>/<version>/model.insight.onnx  the same network with every conv stage's
+                                             activation maps as extra outputs (for Explain
+                                             and reports; model.onnx stays one clean pass)
 
 The graph is self-contained: its first module (`trainer.models.Normalize`) turns raw pixels
 0..255 into normalised floats and its last op is the softmax, so clients never normalise.
@@ -14,7 +17,9 @@ manifest.json keys (the serving code reads exactly these):
     format ("convserve.manifest/1"), name, version (int), labels, input {name, dtype, layout,
     channels, height, width}, outputs, mean, std, dataset, test_accuracy (fraction, 0..1),
     opset, exporter ("dynamo" | "torchscript"), parity, variants {filename: {...}},
-    rejected_variants {filename: {..., reason}}, training (the checkpoint's recipe), created_at
+    rejected_variants {filename: {..., reason}}, insight (null, or {file, stages: [{name,
+    layer, kind, shape [C, H, W], receptive_field, jump, start}]}: the analytic plan of each
+    extra output of model.insight.onnx), training (the checkpoint's recipe), created_at
     (UTC ISO-8601), source_commit, convserve_version, files {filename: sha256}.
   parity: samples, test_samples, max_abs_diff_probability, max_abs_diff_logit,
     argmax_agreement, torch_test_accuracy, ort_test_accuracy, tolerance_probability,
@@ -88,6 +93,7 @@ MANIFEST_FORMAT = "convserve.manifest/1"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
 MODEL_FILE = "model.onnx"
+INSIGHT_FILE = "model.insight.onnx"
 MANIFEST_FILE = "manifest.json"
 METADATA_PREFIX = "convserve."
 METADATA_KEYS = (
@@ -131,6 +137,35 @@ class WithProbabilities(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.classifier(images)
         return logits, torch.softmax(logits, dim=1)
+
+
+class WithStages(nn.Module):
+    """The classifier's outputs plus every conv stage's activation maps (model.insight.onnx)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, maps = self.classifier.forward_with_stages(images)
+        return (logits, torch.softmax(logits, dim=1), *maps)
+
+
+def stage_outputs(model: Classifier) -> list[dict[str, Any]]:
+    """The insight graph's extra outputs, in order, with their analytic plan rows."""
+    return [
+        {
+            "name": f"stage{r.index}_{r.kind}",
+            "layer": r.index,
+            "kind": r.kind,
+            "shape": list(r.shape),
+            "receptive_field": r.rf,
+            "jump": r.jump,
+            "start": r.start,
+        }
+        for r in model.rows
+        if r.is_stage
+    ]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -199,15 +234,21 @@ def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], checkpoint
     model.load_state_dict(weights, strict=True)
 
 
-def export_onnx(model: nn.Module, path: Path, in_shape: tuple[int, int, int], opset: int) -> str:
-    """Write `model` (uint8 images -> logits, probabilities) to `path` with a dynamic batch.
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    in_shape: tuple[int, int, int],
+    opset: int,
+    output_names: tuple[str, ...] = OUTPUT_NAMES,
+) -> str:
+    """Write `model` (uint8 images -> `output_names`) to `path` with a dynamic batch.
 
     Tries the dynamo exporter; on failure logs why and retries with the TorchScript exporter
     (opset at most TORCHSCRIPT_MAX_OPSET). Returns the exporter used.
     """
     model = model.eval()
     example = torch.zeros((2, *in_shape), dtype=torch.uint8)  # batch 2: 1 would be specialised
-    names = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+    names = {"input_names": [INPUT_NAME], "output_names": list(output_names)}
     try:
         with warnings.catch_warnings():
             # torch.export's own use of a deprecated pytree API; nothing a user can act on
@@ -239,7 +280,7 @@ def export_onnx(model: nn.Module, path: Path, in_shape: tuple[int, int, int], op
                 path,
                 dynamo=False,
                 opset_version=ts_opset,
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)},
                 **names,
             )
     except Exception as exc:
@@ -652,6 +693,7 @@ def export_checkpoint(
     fp16: bool = False,
     max_accuracy_drop: float = 0.5,
     data_dir: str | None = None,
+    insight: bool = True,
 ) -> ExportResult:
     """Export a checkpoint (file or run dir) as `<repository>/<name>/<version>/`.
 
@@ -679,6 +721,7 @@ def export_checkpoint(
             opset=opset,
             wanted=[k for k, on in (("optimized", optimize), ("int8", int8), ("fp16", fp16)) if on],
             max_accuracy_drop=max_accuracy_drop,
+            insight=insight,
         )
         final = model_dir / str(version)
         _publish(tmp, final)
@@ -707,6 +750,7 @@ def _build_version(
     opset: int,
     wanted: list[str],
     max_accuracy_drop: float,
+    insight: bool = True,
 ) -> dict[str, Any]:
     """Write model.onnx, the wanted variants and manifest.json into `out`; return the manifest."""
     data = _eval_images(ds)
@@ -719,7 +763,11 @@ def _build_version(
     manifest["parity"] = _check_parity(model_path, reference, data)
     for kind in wanted:
         _add_variant(out, kind, manifest, ds, data, reference, max_accuracy_drop, recipe.train.seed)
-    manifest["files"] = {f: sha256(out / f) for f in [MODEL_FILE, *manifest["variants"]]}
+    files = [MODEL_FILE, *manifest["variants"]]
+    if insight:
+        manifest["insight"] = _write_insight(out, model, manifest, data, reference)
+        files.append(INSIGHT_FILE)
+    manifest["files"] = {f: sha256(out / f) for f in files}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -757,6 +805,7 @@ def _base_manifest(
         "parity": None,
         "variants": {},
         "rejected_variants": {},
+        "insight": None,
         "training": state["recipe"],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source_commit": source_commit(),
@@ -855,3 +904,21 @@ def _add_variant(
         accuracy,
         entry["accuracy_drop"],
     )
+
+
+def _write_insight(
+    out: Path, model: Classifier, manifest: dict[str, Any], data: EvalImages, reference: Outputs
+) -> dict[str, Any]:
+    """model.insight.onnx: checked like model.onnx; its logits must match PyTorch's."""
+    stages = stage_outputs(model)
+    path = out / INSIGHT_FILE
+    names = (*OUTPUT_NAMES, *(s["name"] for s in stages))
+    export_onnx(WithStages(model), path, tuple(model.in_shape), manifest["opset"], names)
+    stamp_metadata(path, metadata_props(manifest, "insight"))
+    _check_graph(path)
+    n = min(len(data.images), EVAL_BATCH)
+    got = ort_session(path).run(None, {INPUT_NAME: data.images[:n]})
+    diff = float(np.abs(got[1] - reference.probabilities[:n]).max())
+    if diff > PROBABILITY_TOLERANCE:
+        raise ExportError(f"{INSIGHT_FILE} disagrees with PyTorch: max |delta probability| {diff}")
+    return {"file": INSIGHT_FILE, "stages": stages}

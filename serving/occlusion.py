@@ -1,0 +1,155 @@
+"""Occlusion sensitivity, defined once for the server, the report and the tests.
+
+Slide a square patch over the image, fill it with the training mean pixel value and record
+how much the target class's probability drops relative to the unoccluded image: one value
+per patch position, positive where the region supports the class. It costs 1 + P forward
+passes for P positions. Pure numpy (plus Pillow for the overlay): no torch, no gRPC.
+
+The work is split so a caller can run the rows however it likes (the server sends them
+through its batcher, the report through PyTorch or ONNX Runtime): `occluded_rows` builds the
+1 + P images, `heatmap_from` turns their probabilities into the heatmap, and `occlusion`
+does both around a plain `predict` function.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+Predict = Callable[[np.ndarray], np.ndarray]  # (N, C, H, W) uint8 -> (N, K) probabilities
+
+
+class OcclusionError(ValueError):
+    """Patch size or stride outside their bounds for this image."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where the patch goes: `rows` x `cols` positions, `stride` apart, `patch` pixels wide."""
+
+    patch: int
+    stride: int
+    rows: int
+    cols: int
+
+    @property
+    def positions(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def forward_passes(self) -> int:
+        return 1 + self.positions
+
+
+def default_patch(height: int, width: int) -> int:
+    """A quarter of the shorter side, at least 1."""
+    return max(1, min(height, width) // 4)
+
+
+def grid(height: int, width: int, patch: int = 0, stride: int = 0) -> Grid:
+    """The patch grid for an image; 0 means the default (patch: a quarter, stride: patch)."""
+    patch = patch or default_patch(height, width)
+    stride = stride or patch
+    if not 1 <= patch <= min(height, width):
+        raise OcclusionError(f"patch_size must be in 1..{min(height, width)}, got {patch}")
+    if not 1 <= stride <= min(height, width):
+        raise OcclusionError(f"stride must be in 1..{min(height, width)}, got {stride}")
+    return Grid(patch, stride, (height - patch) // stride + 1, (width - patch) // stride + 1)
+
+
+def fill_value(mean: Sequence[float]) -> np.ndarray:
+    """The training mean (fractions of 255, per channel) as uint8 pixels, shape (C, 1, 1)."""
+    pixels = np.rint(np.asarray(mean, dtype=np.float64) * 255.0).clip(0, 255)
+    return pixels.astype(np.uint8).reshape(-1, 1, 1)
+
+
+def occluded_rows(image: np.ndarray, g: Grid, fill: np.ndarray) -> np.ndarray:
+    """(1 + P, C, H, W) uint8: the image itself, then one copy per patch position (row-major)."""
+    rows = np.repeat(image[None], g.forward_passes, axis=0)
+    for i in range(g.rows):
+        for j in range(g.cols):
+            y, x = i * g.stride, j * g.stride
+            rows[1 + i * g.cols + j, :, y : y + g.patch, x : x + g.patch] = fill
+    return rows
+
+
+@dataclass(frozen=True)
+class Occlusion:
+    heatmap: np.ndarray  # (rows, cols) float32: p(target | image) - p(target | occluded)
+    target: int
+    probabilities: np.ndarray  # (K,) of the unoccluded image
+    grid: Grid
+
+    @property
+    def forward_passes(self) -> int:
+        return self.grid.forward_passes
+
+
+def heatmap_from(probabilities: np.ndarray, g: Grid, target: int | None = None) -> Occlusion:
+    """The heatmap from the (1 + P, K) probabilities of `occluded_rows`' images.
+
+    `target` None tracks the unoccluded image's top-1 class.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    base = probabilities[0]
+    if target is None:
+        target = int(base.argmax())
+    if not 0 <= target < len(base):
+        raise OcclusionError(f"target class must be in 0..{len(base) - 1}, got {target}")
+    drop = base[target] - probabilities[1:, target]
+    return Occlusion(drop.reshape(g.rows, g.cols).astype(np.float32), target, base, g)
+
+
+def occlusion(
+    image: np.ndarray,
+    predict: Predict,
+    mean: Sequence[float],
+    *,
+    patch: int = 0,
+    stride: int = 0,
+    target: int | None = None,
+) -> Occlusion:
+    """Occlusion sensitivity of one (C, H, W) uint8 image under `predict` (1 + P rows)."""
+    g = grid(image.shape[1], image.shape[2], patch, stride)
+    return heatmap_from(predict(occluded_rows(image, g, fill_value(mean))), g, target)
+
+
+def upsample(heatmap: np.ndarray, g: Grid, height: int, width: int) -> np.ndarray:
+    """Per-pixel sensitivity: each pixel gets the mean of the cells whose patch covers it
+    (NaN where no patch reaches, e.g. a margin the stride skips)."""
+    total = np.zeros((height, width), dtype=np.float64)
+    count = np.zeros((height, width), dtype=np.float64)
+    for i in range(g.rows):
+        for j in range(g.cols):
+            y, x = i * g.stride, j * g.stride
+            total[y : y + g.patch, x : x + g.patch] += heatmap[i, j]
+            count[y : y + g.patch, x : x + g.patch] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / count).astype(np.float32)
+
+
+def peak(heatmap: np.ndarray, g: Grid) -> tuple[float, float]:
+    """(x, y) input-pixel centre of the most sensitive patch position."""
+    i, j = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return j * g.stride + g.patch / 2, i * g.stride + g.patch / 2
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, g: Grid, scale: int = 8) -> bytes:
+    """The heatmap over the image as a PNG (`scale` x the image's size): red where hiding a
+    region lowers the target's probability, blue where it raises it; the image shows in grey."""
+    c, h, w = image.shape
+    grey = image.mean(axis=0) if c > 1 else image[0].astype(np.float32)
+    sens = np.nan_to_num(upsample(heatmap, g, h, w))
+    top = float(np.abs(sens).max()) or 1.0
+    strength = np.clip(np.abs(sens) / top, 0, 1)[..., None] * 0.6
+    colour = np.where((sens >= 0)[..., None], [255.0, 40.0, 0.0], [0.0, 90.0, 255.0])
+    rgb = grey[..., None].repeat(3, axis=2) * (1 - strength) + colour * strength
+    img = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    img = img.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
