@@ -54,7 +54,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import h2grpc  # noqa: E402
-from serving_report import latency_throughput_figure, markdown, targets  # noqa: E402
+from serving_report import (  # noqa: E402
+    METRICS_OFF,
+    latency_throughput_figure,
+    markdown,
+    targets,
+)
 
 from serving.loadgen import parse_stream_infer  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2 as pb  # noqa: E402
@@ -394,6 +399,8 @@ def systems(model: Path, port: int, mport: int, skip_triton: bool) -> list[Syste
             listeners=2,
         ),
         System("convserve", "convserve", serve, SINGLE + BULK),
+        # The price of metrics: the same server recording nothing (issue: <= 3% req/s).
+        System(METRICS_OFF, "convserve", [*serve, "--no-metrics"], SINGLE[:1] + SINGLE[-1:]),
         System(
             "convserve, 2 workers",
             "convserve",

@@ -19,6 +19,7 @@ OURS = (
     "convserve, no batching, 2 workers",
 )
 TRITON, NAIVE, EMPTY = "triton (pytriton)", "naive", "empty grpc.aio"
+METRICS_OFF = "convserve, metrics off"  # not a configuration we ship: the metrics baseline
 
 
 def _get(results: list[dict], system: str, scenario: str) -> dict | None:
@@ -71,6 +72,18 @@ def targets(results: list[dict], ceiling: dict[str, Any]) -> list[dict]:
                     "met": b["images_per_s"] >= 0.95 * top,
                 }
             )
+    on, off = _get(results, "convserve", c64), _get(results, METRICS_OFF, c64)
+    if on and off:
+        cost = 1 - on["requests_per_s"] / off["requests_per_s"]
+        out.append(
+            {
+                "target": "metrics cost, single-image unary c64: req/s with metrics on within "
+                "3% of metrics off",
+                "measured": f"{on['requests_per_s']:.0f} on vs {off['requests_per_s']:.0f} off"
+                f" req/s = {cost:+.1%} cost",
+                "met": cost <= 0.03,
+            }
+        )
     # DESIGN: concurrency-1 latency is reported as overhead above an empty-handler grpc.aio
     # server measured in the same run (that server alone costs what Python gRPC costs).
     for name in ("convserve", "convserve, 2 workers"):

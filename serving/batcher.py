@@ -51,6 +51,12 @@ class BatchConfig:
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 4096  # rows (images) waiting, summed over requests
     instances: int = 1
+    # An idle batcher runs a small request on the event loop itself when such runs have
+    # been taking less than `inline_max_s`: a batch-1 run of a small CNN costs about what
+    # the hop to an executor thread and back costs. Slow runs (a big model, a busy device)
+    # keep going to the executor, so the loop is never blocked for long.
+    inline_max_rows: int = 4
+    inline_max_s: float = 0.002
 
 
 @dataclass
@@ -98,6 +104,7 @@ class Batcher:
         self._running: set[asyncio.Task] = set()  # references to batch tasks
         self._active = 0  # batches computing now (scheduled or fast path)
         self._closed = False
+        self._small_run_s: float | None = None  # moving average of small runs' duration
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     @property
@@ -124,7 +131,7 @@ class Batcher:
             await self._slots.acquire()  # does not suspend: a slot is free
             req.taken = n
             self.observer.queue_wait(0.0)
-            await self._execute([(req, 0, n)])
+            await self._execute([(req, 0, n)], inline=self._runs_inline(n))
             return req.future.result()
         self._queue.append(req)
         self._queued_rows += n
@@ -136,6 +143,14 @@ class Batcher:
             if not req.future.done():  # the caller was cancelled: free its queued rows now
                 req.future.cancel()
                 self._drop(req)
+
+    def _runs_inline(self, n: int) -> bool:
+        cost = self._small_run_s
+        return (
+            n <= self.config.inline_max_rows
+            and cost is not None
+            and (cost <= self.config.inline_max_s)
+        )
 
     def _idle_fast_path(self, n: int) -> bool:
         return (
@@ -210,15 +225,18 @@ class Batcher:
         self.observer.queue_depth(self._queued_rows)
         return batch
 
-    async def _execute(self, batch: list[tuple[_Request, int, int]]) -> None:
+    async def _execute(self, batch: list[tuple[_Request, int, int]], inline: bool = False) -> None:
         self._active += 1
         try:
             parts = [req.rows[a:b] for req, a, b in batch]
             x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            loop = asyncio.get_running_loop()
             t0 = time.monotonic()
             try:
-                out = await loop.run_in_executor(self.executor, self.run, x)
+                if inline:
+                    out = self.run(x)
+                else:
+                    loop = asyncio.get_running_loop()
+                    out = await loop.run_in_executor(self.executor, self.run, x)
             except ServingError as exc:
                 self._fail(batch, exc)
                 return
@@ -226,7 +244,11 @@ class Batcher:
                 log.exception("batch of %d rows for %s failed", len(x), self.name)
                 self._fail(batch, InferenceFailed(f"inference failed: {exc}"))
                 return
-            self.observer.batch(len(x), time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self.observer.batch(len(x), took)
+            if len(x) <= self.config.inline_max_rows:
+                last = self._small_run_s
+                self._small_run_s = took if last is None else 0.8 * last + 0.2 * took
             self._deliver(batch, out)
         finally:
             self._active -= 1

@@ -131,8 +131,10 @@ def float_to_uint8(arr: np.ndarray) -> np.ndarray:
 def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and probabilities of the k most likely classes per row, most likely first."""
     k = min(k, probabilities.shape[1])
-    if k == 1:
-        idx = probabilities.argmax(axis=1)[:, None]
+    if k == 1:  # the common case: no partition, no fancy take_along_axis
+        best = probabilities.argmax(axis=1)
+        rows = np.arange(len(best))
+        return best[:, None], probabilities[rows, best][:, None]
     else:
         part = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
         order = np.take_along_axis(probabilities, part, axis=1).argsort(axis=1)[:, ::-1]

@@ -99,10 +99,14 @@ class DataPlane:
                 raise InvalidInput(f"image {i}: {exc}") from None
         return out
 
+    def decodes_inline(self, images: Sequence[ImageInput]) -> bool:
+        """Whether `decode_async` will decode on the event loop (small payloads)."""
+        encoded = sum(len(i.data) for i in images if isinstance(i, EncodedImage))
+        return encoded < INLINE_DECODE_BYTES or self.decode_executor is None
+
     async def decode_async(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
         """`decode`, moved off the event loop when the encoded payload is large."""
-        encoded = sum(len(i.data) for i in images if isinstance(i, EncodedImage))
-        if encoded < INLINE_DECODE_BYTES or self.decode_executor is None:
+        if self.decodes_inline(images):
             return self.decode(images, mv)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decode_executor, self.decode, images, mv)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import resource
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -69,12 +70,33 @@ COMPUTE_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class Metrics:
-    """The metric objects, created once per registry."""
+class _Off:
+    """Stands in for every metric when metrics are off: any attribute or call is a no-op."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __getattr__(self, name: str) -> _Off:
+        return self
+
+    def __call__(self, *args: object, **kwargs: object) -> _Off:
+        return self
+
+
+_OFF = _Off()
+
+
+class Metrics:
+    """The metric objects, created once per registry.
+
+    With `enabled=False` nothing is recorded (every metric is a no-op): the server's
+    `--no-metrics`, which exists so the benchmark can price metrics (on versus off).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, enabled: bool = True):
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
+        self.enabled = enabled
+        # Labelled children of the per-request metrics, resolved once per label set:
+        # `.labels()` costs a lock and a dict lookup on every request otherwise.
+        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             "convserve_requests_total",
             "RPCs handled, by method and gRPC status code.",
@@ -191,7 +213,23 @@ class Metrics:
             multiprocess_mode="liveall",
         )
 
+        if not enabled:
+            for name, value in list(vars(self).items()):
+                if isinstance(value, Counter | Gauge | Histogram):
+                    setattr(self, name, _OFF)
         self.update_process()
+
+    def request_done(self, method: str, code: str, seconds: float) -> None:
+        """Count one RPC by method and status code and observe its latency."""
+        children = self._request_children.get((method, code))
+        if children is None:
+            children = (
+                self.requests.labels(method, code),
+                self.request_latency.labels(method),
+            )
+            self._request_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def model_observer(self, model: str, version: int) -> ModelObserver:
         return ModelObserver(self, model, str(version))
@@ -247,9 +285,7 @@ class RequestTimer:
         self._start = time.perf_counter()
 
     def done(self, code: str) -> None:
-        m = self._metrics
-        m.requests.labels(self.method, code).inc()
-        m.request_latency.labels(self.method).observe(time.perf_counter() - self._start)
+        self._metrics.request_done(self.method, code, time.perf_counter() - self._start)
 
 
 class MetricsEvents(RepositoryEvents):

@@ -53,6 +53,7 @@ class ServerConfig:
     port: int = 50051
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8000  # 0: no metrics listener
+    metrics: bool = True  # False: record nothing (the benchmark's metrics-off baseline)
     device: str = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 1
@@ -179,7 +180,7 @@ async def create_server(
     config: ServerConfig, registry: CollectorRegistry | None = None
 ) -> tuple[grpc.aio.Server, int, App]:
     """Build one worker's server and bind it; call `app.start()` then `server.start()`."""
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, enabled=config.metrics)
     repository = ModelRepository(
         config.repository_config(),
         config.runtime_options(),
@@ -277,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("port", int, d.port, "gRPC port (0: any free port)")
     add("metrics-host", str, d.metrics_host, "Prometheus /metrics bind address")
     add("metrics-port", int, d.metrics_port, "Prometheus /metrics port (0: off)")
+    p.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get(_env("metrics"), "1" if d.metrics else "0").lower()
+        not in ("0", "false", "no", "off"),
+        help="record Prometheus metrics (--no-metrics: record nothing and serve no "
+        f"/metrics; only for pricing metrics in benchmarks) [{_env('metrics')}]",
+    )
     add("device", str, d.device, "auto | cpu | cuda | cuda:N | tensorrt")
     add("intra-op-threads", int, d.intra_op_threads, "ORT threads per run (0: one per core)")
     add("inter-op-threads", int, d.inter_op_threads, "ORT inter-op threads")
@@ -347,7 +356,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         host=a.host,
         port=a.port,
         metrics_host=a.metrics_host,
-        metrics_port=a.metrics_port,
+        metrics_port=a.metrics_port if a.metrics else 0,
+        metrics=a.metrics,
         device=a.device,
         intra_op_threads=a.intra_op_threads,
         inter_op_threads=a.inter_op_threads,

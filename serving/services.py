@@ -148,13 +148,16 @@ class ClassifierServicer(_Servicer, pb_grpc.ClassifierServicer):
         mv = self.plane.model(request.model, request.version)
         k = self.plane.check_top_k(request.top_k, mv)
         images = _image_inputs(request.images)
-        rows = await self.plane.decode_async(images, mv)
-        # A large decode awaited a thread: a hot swap may have happened meanwhile, so
-        # resolve the model again (and re-decode in the rare case its input changed).
-        latest = self.plane.model(request.model, request.version)
-        if latest is not mv and latest.spec != mv.spec:
-            rows = self.plane.decode(images, latest)
-        mv = latest
+        if self.plane.decodes_inline(images):
+            rows = self.plane.decode(images, mv)
+        else:
+            rows = await self.plane.decode_async(images, mv)
+            # The decode awaited a thread: a hot swap may have happened meanwhile, so
+            # resolve the model again (and re-decode in the rare case its input changed).
+            latest = self.plane.model(request.model, request.version)
+            if latest is not mv and latest.spec != mv.spec:
+                rows = self.plane.decode(images, latest)
+            mv = latest
         result = await self.plane.classify(mv, rows, k, deadline_of(context))
         labels = mv.labels
         preds = [

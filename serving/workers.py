@@ -43,8 +43,13 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
         sock.close()
 
 
-def _worker_argv(port: int) -> list[str]:
+def _worker_argv(port: int, config: ServerConfig) -> list[str]:
     argv = [a for a in sys.argv[1:]]
+    if config.intra_op_threads == 0:
+        # ORT's default is a thread per core in every worker: N workers would run N x cores
+        # threads that preempt each other and the event loops. Share the cores out instead.
+        cores = len(os.sched_getaffinity(0))
+        argv += ["--intra-op-threads", str(max(1, cores // config.workers))]
     return [
         sys.executable,
         "-m",
@@ -81,7 +86,7 @@ def run_workers(config: ServerConfig) -> int:
             start_http_server(config.metrics_port, config.metrics_host, registry)
 
         def spawn() -> subprocess.Popen:
-            return subprocess.Popen(_worker_argv(port), env=env)
+            return subprocess.Popen(_worker_argv(port, config), env=env)
 
         workers = [spawn() for _ in range(config.workers)]
         log.info("started %d workers on port %d: %s", len(workers), port, [w.pid for w in workers])

@@ -159,3 +159,35 @@ def test_queue_delay_waits_for_company_up_to_the_limit():
 
     run(_with_batcher, rec, BatchConfig(max_batch_size=8, max_queue_delay_s=0.05), body)
     assert [len(x) for x in rec.batches] == [2]  # the first waited and took the second along
+
+
+class ThreadRecorder(Recorder):
+    """A Recorder that also notes which thread ran each batch."""
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__(delay=delay)
+        self.threads: list[int] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.get_ident())
+        return super().__call__(x)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01])
+def test_idle_small_requests_run_on_the_loop_only_when_runs_are_cheap(delay):
+    rec = ThreadRecorder(delay=delay)
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
+
+    async def body(b):
+        for i in range(6):  # one at a time: the batcher is idle for each
+            assert np.array_equal(await b.submit(rows(i)), rows(2 * i))
+        big = rows(*range(8))  # above inline_max_rows: always on the executor
+        assert np.array_equal(await b.submit(big), big * 2)
+
+    config = BatchConfig(max_batch_size=8, inline_max_rows=4, inline_max_s=0.002)
+    run(_with_batcher, rec, config, body)
+    on_loop = [t == loop_thread for t in rec.threads]
+    assert on_loop[0] is False  # nothing measured yet: the first run takes the executor
+    assert on_loop[-1] is False
+    # Cheap runs (well under 2 ms) move onto the loop; 10 ms runs never do.
+    assert on_loop[1:6] == [delay == 0.0] * 5

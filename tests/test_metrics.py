@@ -458,6 +458,11 @@ def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_reposito
             return ready if ok and all(sizes.get(p, 0) > 0 for p in ready) else set()
 
         pids = wait_for("2 loaded workers", two_ready_workers, timeout=60)
+        cores = len(os.sched_getaffinity(0))
+        for pid in pids:  # ORT's threads are shared out, not one per core in every worker
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            i = len(argv) - 1 - argv[::-1].index(b"--intra-op-threads")
+            assert int(argv[i + 1]) == max(1, cores // 2)
         w, channels = Workload(ok=2, invalid=1, not_found=0, model_info=0), 16
         for c in range(channels):  # separate connections: SO_REUSEPORT spreads connections
             with new_channel(s.target) as ch:
@@ -490,3 +495,28 @@ def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_reposito
         text = s.metrics()
         check_totals(text)
         assert metric_value(text, "convserve_model_loads_total") == 3  # 2 workers + 1 restart
+
+
+def test_no_metrics_serves_and_records_nothing(model_repository, tmp_path):
+    """`--no-metrics` (the benchmark's baseline for pricing metrics): no listener, and the
+    server still answers; a disabled Metrics object leaves its registry empty."""
+    with running_server(model_repository, tmp_path, "--no-metrics") as s:
+        with new_channel(s.target) as ch:
+            Workload(ok=2, invalid=1, not_found=0, model_info=0).send(pb_grpc.ClassifierStub(ch))
+        with pytest.raises(urllib.error.URLError):
+            s.metrics()
+    from prometheus_client import CollectorRegistry
+
+    from serving.metrics import Metrics
+
+    registry = CollectorRegistry()
+    m = Metrics(registry, enabled=False)
+    m.request_done("Predict", "OK", 0.001)
+    m.inflight.inc()
+    m.model_observer("m", 1).batch(4, 0.01)
+    values = [s.value for f in registry.collect() for s in f.samples]
+    assert not any(values), "a disabled Metrics recorded something"
+    on = Metrics(CollectorRegistry())
+    on.request_done("Predict", "OK", 0.001)
+    on.request_done("Predict", "OK", 0.002)
+    assert on.requests.labels("Predict", "OK")._value.get() == 2
