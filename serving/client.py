@@ -162,10 +162,15 @@ def channel_options(
     return opts
 
 
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 @dataclass(frozen=True)
 class Retry:
-    """Retries with full-jitter exponential backoff, on UNAVAILABLE only (the one status
-    that says the request was not processed and another try may succeed)."""
+    """Retries with full-jitter exponential backoff, on the statuses that say the request
+    was not processed and another try may succeed: UNAVAILABLE, and CANCELLED, which this
+    client never asks for on a unary call; a replica shutting down (SIGTERM) cancels calls
+    its transport accepted but its handlers had not started."""
 
     attempts: int = 3
     backoff_s: float = 0.05
@@ -281,7 +286,7 @@ class _Base:
 
     def _should_retry(self, exc: grpc.RpcError, attempt: int, deadline: float | None) -> float:
         """Seconds to wait before the next attempt, or -1 to give up."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 >= self.retry.attempts:
+        if exc.code() not in RETRYABLE or attempt + 1 >= self.retry.attempts:
             return -1
         wait = self.retry.delay(attempt)
         if deadline is not None and time.monotonic() + wait >= deadline:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -21,7 +23,7 @@ import pytest
 import yaml
 
 from serving.client import Client, PredictionError
-from tests.serving_helpers import ROOT, running_server
+from tests.serving_helpers import ROOT, metric_value, running_server
 
 BIN = Path(sys.executable).parent
 DEPLOY = ROOT / "deploy"
@@ -309,6 +311,7 @@ def used_metric_names() -> dict[str, set[str]]:
     series_of = {r["name"]["as"]: METRIC.search(r["seriesQuery"]).group(1) for r in adapter}
     used = {where: set(METRIC.findall(text)) for where, text in texts.items()}
     used["hpa"] = {series_of.get(n, n) for n in used["hpa"]}
+    used["adapter rules"] = set(series_of.values())  # the "as" names are the adapter's own
     assert all(used.values()), used
     return used
 
@@ -331,17 +334,40 @@ def scraped_names(text: str) -> set[str]:
     return names
 
 
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_every_metric_name_in_rules_dashboard_hpa_and_adapter_is_in_a_real_scrape(
     model_repository, tmp_path
 ):
+    """The workload: predictions, a rejected request, a hot swap to a new version and a
+    version that fails to load (so the event counters have their labelled series)."""
     used = used_metric_names()
-    with running_server(model_repository, tmp_path) as server:
+    repo = tmp_path / "models"
+    shutil.copytree(model_repository, repo)
+    model = repo / "fashion-mnist"
+    with running_server(repo, tmp_path, "--poll-interval", "0.3") as server:
         with Client(server.target) as client:
             for _ in range(5):
                 assert len(client.predict([np.zeros((1, 28, 28), np.uint8)] * 4, top_k=2)) == 4
             with pytest.raises(PredictionError) as bad:  # rejections carry a reason label
                 client.predict([np.zeros((5, 5), np.uint8)])
             assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            shutil.copytree(model / "1", model / "2")
+            assert wait_for(
+                lambda: client.predict([np.zeros((1, 28, 28), np.uint8)])[0].version == 2
+            )
+            shutil.copytree(model / "1", model / "3")
+            (model / "3" / "model.onnx").write_bytes(b"not an onnx graph")
+            assert wait_for(
+                lambda: metric_value(server.metrics(), "convserve_model_load_failures_total") >= 1
+            ), server.log()
         exposed = scraped_names(server.metrics())
     missing = {where: sorted(n - exposed) for where, n in used.items() if n - exposed}
     assert not missing, f"metric names used in deploy/ but absent from /metrics: {missing}"
