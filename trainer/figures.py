@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "figure.dpi": 100})
 
@@ -41,12 +42,14 @@ def training_curves(history: Sequence[dict[str, Any]]) -> Figure:
         if any(v is not None for v in val):
             ax.plot(epochs, [np.nan if v is None else v for v in val], "s-", label="validation")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.set_ylabel(name)
         ax.set_title(f"{name} per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
     axes[2].plot(epochs, [h["lr"] for h in history], "o-", color="tab:green")
     axes[2].set_xlabel("epoch")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set_ylabel("learning rate (end of epoch)")
     axes[2].set_title("learning-rate schedule")
     axes[2].grid(alpha=0.3)
