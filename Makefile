@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto data demo test lint format bench bench-train bench-export bench-serving clean
+.PHONY: install proto data demo test lint format bench bench-train bench-export bench-explain bench-serving clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench-train: install data  ## trainer vs a minimal hand-written loop; writes ben
 bench-export: install data  ## ORT CPU images/s of the fp32, optimised and INT8 exports; writes bench/results/export.json
 	$(PY) bench/export_bench.py --out bench/results/export.json
 
+bench-explain: install data  ## Explain vs Predict latency and forward passes (model from bench-export); writes bench/results/explain.json
+	test -f runs/bench-export/models/fashion-mnist/1/model.onnx || $(MAKE) bench-export
+	$(PY) bench/explain_bench.py --out bench/results/explain.json
+
 TRITON_BENCH_VENV := bench/.venv-triton
 
 # NVIDIA Triton's core for the serving benchmark: nvidia-pytriton bundles the tritonserver
@@ -79,7 +83,7 @@ bench-serving: install data $(TRITON_BENCH_VENV)/.installed $(VENV)/bin/py-spy  
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/serving_bench.py --out-dir bench/results $(BENCH_SERVING_ARGS)
 
-bench: bench-train bench-export bench-serving
+bench: bench-train bench-export bench-explain bench-serving
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
