@@ -98,7 +98,7 @@ def test_presets_match_their_analytic_plan(preset, in_shape):
 def test_summary_table_lists_every_layer():
     r = load_recipe("fashion_mnist")
     text = build_model(r.model, (1, 28, 28), 10, [0.3], [0.3]).summary()
-    assert "28x28x32" in text and "7x7x128" in text and "classifier" in text
+    assert "28x28x16" in text and "7x7x128" in text and "classifier" in text
     assert "whole image" in text
 
 

@@ -59,7 +59,9 @@ PRESETS: dict[str, tuple[LayerSpec, ...]] = {
         GlobalPoolLayer(type="global_pool", kind="avg"),
     ),
     "fashion_mnist": (
-        _conv(32),
+        # 16 filters at 28x28 are enough for a one-channel input and cost half of 32 in the
+        # memory-bound full-resolution BN/ReLU/pool (measured: 1.2x images/s, same accuracy).
+        _conv(16),
         _pool(),
         _conv(64),
         _conv(64),
