@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto data demo test lint format bench bench-train bench-export bench-explain bench-serving clean
+.PHONY: install proto data demo test lint format bench bench-train bench-export bench-explain bench-serving bench-metrics clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -83,7 +83,11 @@ bench-serving: install data $(TRITON_BENCH_VENV)/.installed $(VENV)/bin/py-spy  
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/serving_bench.py --out-dir bench/results $(BENCH_SERVING_ARGS)
 
-bench: bench-train bench-export bench-explain bench-serving
+bench-metrics: install data  ## what metrics cost: server with and without them, interleaved A/B under h2load; writes bench/results/metrics_cost.json
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(PY) bench/metrics_cost.py --out bench/results/metrics_cost.json $(BENCH_METRICS_ARGS)
+
+bench: bench-train bench-export bench-explain bench-serving bench-metrics
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
