@@ -111,6 +111,15 @@ def _read_manifest(vdir: Path) -> tuple[dict[str, Any], InputSpec, tuple[str, ..
         raise ModelLoadError(f"{path}: missing or malformed field {exc}") from None
     if not labels or spec.channels not in (1, 3) or min(spec.height, spec.width) < 1:
         raise ModelLoadError(f"{path}: labels/input spec are not usable ({spec}, {labels})")
+    mean = manifest.get("mean")  # Explain fills occluded patches with it
+    if not (
+        isinstance(mean, list)
+        and len(mean) == spec.channels
+        and all(isinstance(m, int | float) and 0.0 <= m <= 1.0 for m in mean)
+    ):
+        raise ModelLoadError(
+            f"{path}: 'mean' must list {spec.channels} training-mean value(s) in 0..1, got {mean!r}"
+        )
     return manifest, spec, labels
 
 

@@ -573,3 +573,23 @@ def test_two_workers_share_the_port(model_repository, tmp_path, fashion_test):
 def test_serving_never_imports_torch():
     code = "import sys, serving.server, serving.client; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize("mean", [None, [], [0.3, 0.3], ["0.3"], [1.5]])
+def test_a_manifest_without_a_usable_training_mean_is_refused(model_repository, tmp_path, mean):
+    """Explain fills occluded patches with the manifest's mean: a version without a usable
+    one is refused at load with the reason, not failed later with INTERNAL."""
+    from serving.errors import ModelLoadError
+    from serving.repository import _read_manifest
+
+    version = tmp_path / "1"
+    shutil.copytree(model_repository / MODEL / "1", version)
+    manifest = json.loads((version / "manifest.json").read_text())
+    _read_manifest(version)  # as exported: accepted
+    if mean is None:
+        del manifest["mean"]
+    else:
+        manifest["mean"] = mean
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="'mean' must list 1"):
+        _read_manifest(version)
