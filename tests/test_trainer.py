@@ -277,3 +277,40 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_stops_clearly(tmp_path):
+    """A full disk, simulated with RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail with EFBIG):
+    the run stops with a message naming the checkpoint, and the previous one is intact."""
+    run = tmp_path / "run"
+    base = ["--recipe", "shapes", "--out", str(run), "--no-export", "--no-report", "--quiet"]
+    fast = ["data.shapes_train=600", "data.shapes_test=100", "data.val_size=100"]
+    epochs = [*fast, "train.epochs=3"]
+    first = subprocess.Popen([sys.executable, "-m", "trainer.cli", *base, *epochs], cwd=ROOT)
+    ckpt = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # stop after the first checkpoint, to resume under a limit
+    first.wait()
+    assert load_checkpoint(ckpt)["epoch"] < 3
+    last = run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    limited = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+        "from trainer.cli import train_main\n"
+        "sys.exit(train_main(sys.argv[1:]))\n"
+    )
+    second = subprocess.run(
+        [sys.executable, "-c", limited, *base, "--resume", *epochs],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert "could not write checkpoint" in out and "previous checkpoint is intact" in out, out
+    assert "Traceback" not in out, out
+    assert last.read_bytes() == before  # the last good checkpoint, byte for byte
+    assert not list(last.parent.glob(".*.tmp")), "a temp file was left behind"
+    load_checkpoint(last)

@@ -6,6 +6,7 @@ A checkpoint holds only tensors, plain containers and RNG states as tensors, so
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -26,10 +27,14 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Serialise in memory first: torch.save's zip writer turns a failed write (a full disk,
+    # EFBIG past RLIMIT_FSIZE) into an opaque RuntimeError; a plain write keeps the OSError.
+    buf = io.BytesIO()
+    torch.save(state, buf)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
