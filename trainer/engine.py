@@ -42,7 +42,14 @@ from trainer.augment import (
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.distributed import World, process_group
 from trainer.models import Classifier, build_model
-from trainer.recipe import OptimConfig, Recipe, ScheduleConfig, TrainConfig, recipe_to_dict
+from trainer.recipe import (
+    OptimConfig,
+    Recipe,
+    ScheduleConfig,
+    TrainConfig,
+    load_recipe_data,
+    recipe_to_dict,
+)
 
 log = logging.getLogger("convserve.train")
 
@@ -198,16 +205,7 @@ class DeviceData:
 
 def prepare_data(recipe: Recipe, device: torch.device) -> DeviceData:
     d = recipe.data
-    ds = datalib.load_dataset(
-        d.name,
-        data_dir=d.data_dir,
-        download=d.download,
-        image_size=d.image_size,
-        channels=d.channels,
-        seed=recipe.train.seed,
-        shapes_train=d.shapes_train,
-        shapes_test=d.shapes_test,
-    )
+    ds = load_recipe_data(recipe)
     train, val = datalib.split_validation(ds.train, d.val_size, seed=recipe.train.seed)
     mean, std = datalib.channel_stats(train.images)
 

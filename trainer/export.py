@@ -85,7 +85,7 @@ from trainer import data as datalib
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.engine import usable_cores
 from trainer.models import Classifier, build_model
-from trainer.recipe import Recipe, RecipeError
+from trainer.recipe import Recipe, RecipeError, load_recipe_data
 
 log = logging.getLogger("convserve.export")
 
@@ -649,16 +649,7 @@ def _publish(tmp: Path, final: Path) -> None:
 def _load_eval_data(recipe: Recipe, state: dict[str, Any], data_dir: str | None) -> datalib.Dataset:
     d = recipe.data
     try:
-        ds = datalib.load_dataset(
-            d.name,
-            data_dir=data_dir or d.data_dir,
-            download=d.download,
-            image_size=d.image_size,
-            channels=d.channels,
-            seed=recipe.train.seed,
-            shapes_train=d.shapes_train,
-            shapes_test=d.shapes_test,
-        )
+        ds = load_recipe_data(recipe, data_dir)
     except datalib.DataError as exc:
         msg = " ".join(str(exc).split())
         raise ExportError(

@@ -21,7 +21,7 @@ from trainer import data as datalib
 from trainer import figures
 from trainer.audit import evaluation_sections
 from trainer.models import Classifier, LayerInfo
-from trainer.recipe import Recipe
+from trainer.recipe import Recipe, load_recipe_data
 from trainer.report import ReportError, Section, table_html, write_report
 
 ACTIVATION_IMAGES = 3
@@ -123,16 +123,7 @@ def _load(run_dir: Path, data_dir: str | None) -> tuple[dict, Recipe, Classifier
         raise ReportError(str(exc)) from None
     d = recipe.data
     try:
-        ds = datalib.load_dataset(
-            d.name,
-            data_dir=data_dir or d.data_dir,
-            download=d.download,
-            image_size=d.image_size,
-            channels=d.channels,
-            seed=recipe.train.seed,
-            shapes_train=d.shapes_train,
-            shapes_test=d.shapes_test,
-        )
+        ds = load_recipe_data(recipe, data_dir)
     except datalib.DataError as exc:
         raise ReportError(f"cannot load the {d.name} test set: {exc}") from None
     return state, recipe, model, ds

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainer import data as datalib
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
@@ -246,6 +248,22 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] = (), source: str
         return Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(_format_errors(err, source)) from None
+
+
+def load_recipe_data(recipe: Recipe, data_dir: str | None = None) -> datalib.Dataset:
+    """The recipe's dataset (train and test), as its data section and seed describe it;
+    `data_dir` overrides data.data_dir. Raises datalib.DataError."""
+    d = recipe.data
+    return datalib.load_dataset(
+        d.name,
+        data_dir=data_dir or d.data_dir,
+        download=d.download,
+        image_size=d.image_size,
+        channels=d.channels,
+        seed=recipe.train.seed,
+        shapes_train=d.shapes_train,
+        shapes_test=d.shapes_test,
+    )
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
