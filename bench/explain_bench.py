@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,17 +28,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serving_bench import free_port  # noqa: E402
 
 from serving.client import Client  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "runs/bench-export/models/fashion-mnist/1"  # what bench-export trains
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _items(metrics_port: int) -> float:
@@ -78,7 +74,7 @@ def main() -> None:
     args = p.parse_args()
     if not (args.model_dir / "model.onnx").is_file():
         sys.exit(f"{args.model_dir} holds no model.onnx: run `make bench-export` first")
-    port, mport = _free_port(), _free_port()
+    port, mport = free_port(), free_port()
     repo = args.model_dir.parent.parent
     cmd = [
         sys.executable, "-m", "serving.server", "--model-repository", str(repo),

@@ -63,20 +63,11 @@ class H2Result:
     command: str
 
 
-def run(
-    port: int,
-    path: str,
-    body: Path,
-    concurrency: int,
-    duration: float,
-    warmup: float,
-    log: Path,
-    host: str = "127.0.0.1",
-) -> H2Result:
-    """Keep `concurrency` streams in flight for `duration` s, after a separate `warmup` s run
-    (h2load's own --warm-up-time counts the warm-up's bytes in its totals)."""
+def command(host: str, port: int, path: str, body: Path, concurrency: int) -> list[str]:
+    """h2load posting the pre-framed gRPC `body` to `path` with `concurrency` streams in flight
+    (add -D for a duration)."""
     conns, streams = layout(concurrency)
-    base = [
+    return [
         "h2load",
         f"http://{host}:{port}{path}",
         "-d",
@@ -90,6 +81,21 @@ def run(
         "-m",
         str(streams),
     ]
+
+
+def run(
+    port: int,
+    path: str,
+    body: Path,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    log: Path,
+    host: str = "127.0.0.1",
+) -> H2Result:
+    """Keep `concurrency` streams in flight for `duration` s, after a separate `warmup` s run
+    (h2load's own --warm-up-time counts the warm-up's bytes in its totals)."""
+    base = command(host, port, path, body, concurrency)
     if warmup > 0:
         _h2load([*base, "-D", f"{round(warmup * 1000)}ms"], warmup)
     log.unlink(missing_ok=True)  # h2load appends to an existing log

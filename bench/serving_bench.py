@@ -522,6 +522,17 @@ def _h2load(
     }
 
 
+def _cnn_bench(
+    target: str, args: argparse.Namespace, out: Path, extra: list[str], timeout: float
+) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run the Python load generator for --duration after --warmup; JSON goes to `out`."""
+    cmd = [sys.executable, "-m", "serving.loadgen", "--target", target, *extra]
+    cmd += ["--duration", f"{args.duration:g}", "--warmup", f"{args.warmup:g}"]
+    cmd += ["--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return cmd, proc
+
+
 def _stream(
     system: System,
     target: str,
@@ -534,12 +545,7 @@ def _stream(
     (at 32 images a message the Python client costs little)."""
     out = tmp / "stream.json"
     mode = "v2-stream" if system.protocol == "v2" else "stream"
-    cmd = [
-        sys.executable,
-        "-m",
-        "serving.loadgen",
-        "--target",
-        target,
+    extra = [
         "--mode",
         mode,
         *(["--model", MODEL] if system.protocol == "v2" else []),
@@ -549,14 +555,8 @@ def _stream(
         str(sc.concurrency),
         "--images-per-request",
         str(sc.images),
-        "--duration",
-        f"{args.duration:g}",
-        "--warmup",
-        f"{args.warmup:g}",
-        "--json",
-        str(out),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    cmd, proc = _cnn_bench(target, args, out, extra, timeout=600)
     if not out.exists():
         raise RuntimeError(f"cnn-bench failed:\n{proc.stdout}\n{proc.stderr}")
     r = json.loads(out.read_text())
@@ -582,23 +582,7 @@ def python_client_runs(
     rate = max(50, round(0.5 * c64_rps, -1))
     for extra in (["--concurrency", "64"], ["--rate", str(rate)]):
         out = tmp / "cnn-bench.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "serving.loadgen",
-            "--target",
-            target,
-            "--duration",
-            f"{args.duration:g}",
-            "--warmup",
-            f"{args.warmup:g}",
-            *extra,
-            "--json",
-            str(out),
-        ]
-        subprocess.run(
-            cmd, cwd=ROOT, check=False, capture_output=True, timeout=args.duration * 3 + 60
-        )
+        cmd, _ = _cnn_bench(target, args, out, extra, timeout=args.duration * 3 + 60)
         if out.exists():
             r = json.loads(out.read_text())
             r["command"] = "cnn-bench " + " ".join(cmd[3:-2])
@@ -618,24 +602,9 @@ def profile(
     body.write_bytes(
         b"".join(h2grpc.frame(m) for m in request_messages(system.protocol, sc, images))
     )
-    conns, streams = h2grpc.layout(sc.concurrency)
+    path = PATHS[(system.protocol, sc.kind)]
     load = subprocess.Popen(
-        [
-            "h2load",
-            f"http://127.0.0.1:{port}{PATHS[(system.protocol, sc.kind)]}",
-            "-d",
-            str(body),
-            "-H",
-            "te: trailers",
-            "-H",
-            "content-type: application/grpc",
-            "-c",
-            str(conns),
-            "-m",
-            str(streams),
-            "-D",
-            "10s",
-        ],
+        [*h2grpc.command("127.0.0.1", port, path, body, sc.concurrency), "-D", "10s"],
         stdout=subprocess.DEVNULL,
     )
     time.sleep(1)
