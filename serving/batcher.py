@@ -9,7 +9,9 @@ One `Batcher` per loaded model version, living on the worker's asyncio loop:
   the named ORT executor (`instances` batches may run at once);
 - a request larger than `max_batch_size` is split across batches and reassembled in order;
 - a request whose deadline passed, or whose caller went away (its future was cancelled),
-  is dropped before compute and never takes a batch slot;
+  is dropped before compute: when its batch is assembled, and again on the ORT thread just
+  before the run, so no row starts computing after its deadline (the observer counts these
+  dropped rows, and the rows computed for callers that left while their batch ran);
 - a failed run fails only the requests in that batch.
 """
 
@@ -37,12 +39,16 @@ class BatchObserver(Protocol):
     def queue_depth(self, rows: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
     def batch(self, size: int, seconds: float) -> None: ...
+    def dropped(self, rows: int, reason: str) -> None: ...
+    def abandoned(self, rows: int) -> None: ...
 
 
 class _NullObserver:
     def queue_depth(self, rows: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
     def batch(self, size: int, seconds: float) -> None: ...
+    def dropped(self, rows: int, reason: str) -> None: ...
+    def abandoned(self, rows: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class BatchConfig:
     inline_max_s: float = 0.002
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `req in queue` must not compare the numpy rows
 class _Request:
     rows: np.ndarray
     future: asyncio.Future
@@ -77,8 +83,13 @@ class _Request:
     def dead(self) -> bool:
         return self.future.done() or self.failed
 
+    def expired(self, now: float) -> bool:
+        """Not worth computing: the caller left, or its deadline has passed."""
+        return self.dead or (self.deadline is not None and self.deadline <= now)
+
 
 RunFn = Callable[[np.ndarray], np.ndarray]
+_Batch = list[tuple[_Request, int, int]]  # (request, first row, end row) parts of one run
 
 
 class Batcher:
@@ -126,23 +137,28 @@ class Batcher:
             raise DeadlineExceeded("deadline already passed on arrival")
         req = _Request(rows, asyncio.get_running_loop().create_future(), deadline, now)
         if self._idle_fast_path(n):
-            # Nobody is waiting and an instance is free: run now, on this coroutine, and
-            # skip two scheduler hops (this is what concurrency-1 latency is made of).
+            # Nobody is waiting and an instance is free: run now and skip the scheduler's
+            # hops (this is what concurrency-1 latency is made of).
             await self._slots.acquire()  # does not suspend: a slot is free
             req.taken = n
             self.observer.queue_wait(0.0)
-            await self._execute([(req, 0, n)], inline=self._runs_inline(n))
-            return req.future.result()
-        self._queue.append(req)
-        self._queued_rows += n
-        self.observer.queue_depth(self._queued_rows)
-        self._arrived.set()
+            if self._runs_inline(n):  # nothing in here suspends: the caller cannot leave
+                await self._execute([(req, 0, n)], inline=True)
+                return req.future.result()
+            # A task of its own, so a caller that leaves mid-run neither frees the slot
+            # early nor loses the count of rows computed for nobody.
+            self._launch([(req, 0, n)])
+        else:
+            self._queue.append(req)
+            self._queued_rows += n
+            self.observer.queue_depth(self._queued_rows)
+            self._arrived.set()
         try:
             return await req.future
         finally:
             if not req.future.done():  # the caller was cancelled: free its queued rows now
                 req.future.cancel()
-                self._drop(req)
+                self._drop(req, "cancelled")
 
     def _runs_inline(self, n: int) -> bool:
         cost = self._small_run_s
@@ -174,9 +190,12 @@ class Batcher:
             if not batch:
                 self._slots.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._launch(batch)
+
+    def _launch(self, batch: _Batch) -> None:
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def _wait_for_company(self) -> None:
         """Hold the first request until the batch fills or its queue delay is spent."""
@@ -192,22 +211,24 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _drop(self, req: _Request) -> None:
+    def _drop(self, req: _Request, reason: str) -> None:
         if req in self._queue:
             self._queue.remove(req)
             self._queued_rows -= req.remaining
             self.observer.queue_depth(self._queued_rows)
+            self.observer.dropped(req.remaining, reason)
 
-    def _take(self) -> list[tuple[_Request, int, int]]:
+    def _take(self) -> _Batch:
         """Pop up to max_batch_size rows from the queue head, skipping dead requests."""
         now = time.monotonic()
-        batch: list[tuple[_Request, int, int]] = []
+        batch: _Batch = []
         room = self.config.max_batch_size
         while self._queue and room > 0:
             req = self._queue[0]
-            if req.dead or (req.deadline is not None and req.deadline <= now):
+            if req.expired(now):
                 self._queue.popleft()
                 self._queued_rows -= req.remaining
+                self.observer.dropped(req.remaining, "cancelled" if req.dead else "deadline")
                 if not req.future.done():
                     req.future.set_exception(
                         DeadlineExceeded("deadline passed while queued; not computed")
@@ -225,39 +246,68 @@ class Batcher:
         self.observer.queue_depth(self._queued_rows)
         return batch
 
-    async def _execute(self, batch: list[tuple[_Request, int, int]], inline: bool = False) -> None:
+    async def _execute(self, batch: _Batch, inline: bool = False) -> None:
         self._active += 1
         try:
-            parts = [req.rows[a:b] for req, a, b in batch]
-            x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            t0 = time.monotonic()
             try:
                 if inline:
-                    out = self.run(x)
+                    live, late, out, took = self._run_live(batch)
                 else:
                     loop = asyncio.get_running_loop()
-                    out = await loop.run_in_executor(self.executor, self.run, x)
+                    ran = loop.run_in_executor(self.executor, self._run_live, batch)
+                    live, late, out, took = await ran
             except ServingError as exc:
                 self._fail(batch, exc)
                 return
             except Exception as exc:  # never let one batch take the scheduler down
-                log.exception("batch of %d rows for %s failed", len(x), self.name)
+                log.exception("batch for %s failed", self.name)
                 self._fail(batch, InferenceFailed(f"inference failed: {exc}"))
                 return
-            took = time.monotonic() - t0
-            self.observer.batch(len(x), took)
-            if len(x) <= self.config.inline_max_rows:
+            self._expire(late)
+            if out is None:
+                return
+            n = sum(b - a for _, a, b in live)
+            self.observer.batch(n, took)
+            if n <= self.config.inline_max_rows:
                 last = self._small_run_s
                 self._small_run_s = took if last is None else 0.8 * last + 0.2 * took
-            self._deliver(batch, out)
+            self._deliver(live, out)
         finally:
             self._active -= 1
             self._slots.release()
 
-    def _deliver(self, batch: list[tuple[_Request, int, int]], out: np.ndarray) -> None:
+    def _run_live(self, batch: _Batch) -> tuple[_Batch, _Batch, np.ndarray | None, float]:
+        """Runs on the ORT thread (or inline): the last check before compute, then the run.
+        Returns (live parts, parts dropped here, output or None, seconds ORT took)."""
+        now = time.monotonic()
+        live: _Batch = []
+        late: _Batch = []
+        for part in batch:
+            (late if part[0].expired(now) else live).append(part)
+        if not live:
+            return live, late, None, 0.0
+        parts = [req.rows[a:b] for req, a, b in live]
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        t0 = time.monotonic()
+        out = self.run(x)
+        return live, late, out, time.monotonic() - t0
+
+    def _expire(self, late: _Batch) -> None:
+        """Parts the last check dropped: their request fails without being computed."""
+        for req, a, b in late:
+            reason = "cancelled" if req.dead else "deadline"
+            self.observer.dropped(b - a, reason)
+            req.failed = True
+            if not req.future.done():
+                req.future.set_exception(DeadlineExceeded("deadline passed before compute"))
+            self._drop(req, reason)  # rows of a split request still queued
+
+    def _deliver(self, batch: _Batch, out: np.ndarray) -> None:
         start = 0
         for req, a, b in batch:
-            if not req.dead:
+            if req.dead:  # the caller left while its batch ran: computed for nobody
+                self.observer.abandoned(b - a)
+            else:
                 req.parts.append((a, out[start : start + b - a]))
                 self._complete(req)
             start += b - a
@@ -270,12 +320,12 @@ class Batcher:
         if not req.future.done():
             req.future.set_result(rows)
 
-    def _fail(self, batch: list[tuple[_Request, int, int]], exc: ServingError) -> None:
+    def _fail(self, batch: _Batch, exc: ServingError) -> None:
         for req, _, _ in batch:
             req.failed = True
             if not req.future.done():
                 req.future.set_exception(exc)
-            self._drop(req)
+            self._drop(req, "failed")
 
     # -- shutdown ----------------------------------------------------------------------
     async def close(self, timeout: float | None = None) -> None:

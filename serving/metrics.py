@@ -154,6 +154,21 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.dropped_rows = Counter(
+            "convserve_dropped_rows_total",
+            "Rows (images) dropped before ONNX Runtime saw them: their deadline passed while "
+            "queued (deadline), their caller went away (cancelled), or a split request's "
+            "other part failed (failed).",
+            ["model", "version", "reason"],
+            registry=r,
+        )
+        self.abandoned_rows = Counter(
+            "convserve_abandoned_rows_total",
+            "Rows (images) computed for a caller that left (cancelled or past its deadline) "
+            "while their batch was running: computed for nobody.",
+            ["model", "version"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "convserve_queue_depth",
             "Rows (images) waiting in the batcher queue.",
@@ -278,6 +293,10 @@ class ModelObserver(BatchObserver):
         self._compute = m.compute.labels(model, version)
         self._size = m.batch_size.labels(model, version)
         self._items = m.items.labels(model, version)
+        self._dropped = {
+            r: m.dropped_rows.labels(model, version, r) for r in ("deadline", "cancelled", "failed")
+        }
+        self._abandoned = m.abandoned_rows.labels(model, version)
 
     def queue_depth(self, rows: int) -> None:
         self._depth.set(rows)
@@ -289,6 +308,12 @@ class ModelObserver(BatchObserver):
         self._compute.observe(seconds)
         self._size.observe(size)
         self._items.inc(size)
+
+    def dropped(self, rows: int, reason: str) -> None:
+        self._dropped[reason].inc(rows)
+
+    def abandoned(self, rows: int) -> None:
+        self._abandoned.inc(rows)
 
 
 class RequestTimer:

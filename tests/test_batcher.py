@@ -131,6 +131,85 @@ def test_expired_and_cancelled_requests_are_dropped_before_compute():
     assert 2 not in computed and 3 not in computed and 4 in computed
 
 
+class Fates:
+    """A batcher observer that adds up what happened to rows that were not answered."""
+
+    def __init__(self) -> None:
+        self.dropped_by: dict[str, int] = {}
+        self.abandoned_rows = 0
+
+    def queue_depth(self, rows: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def batch(self, size: int, seconds: float) -> None: ...
+
+    def dropped(self, rows: int, reason: str) -> None:
+        self.dropped_by[reason] = self.dropped_by.get(reason, 0) + rows
+
+    def abandoned(self, rows: int) -> None:
+        self.abandoned_rows += rows
+
+
+def image_rows(value: int, n: int = 2) -> np.ndarray:
+    """`n` rows of 3x4 images: many elements, as real requests have (`==` on them is an
+    array, so anything that compares requests by value instead of identity breaks)."""
+    return np.full((n, 3, 4), value, dtype=np.int64)
+
+
+def test_cancelled_expired_and_abandoned_rows_are_counted_and_expired_ones_never_run():
+    rec = Recorder(delay=0.05)
+    fates = Fates()
+
+    async def body(b):
+        blocker = asyncio.ensure_future(b.submit(image_rows(1)))
+        await asyncio.sleep(0.01)
+        expires = asyncio.ensure_future(b.submit(image_rows(2), time.monotonic() + 0.01))
+        cancelled = asyncio.ensure_future(b.submit(image_rows(3)))  # queued behind `expires`
+        kept = asyncio.ensure_future(b.submit(image_rows(4), time.monotonic() + 5))
+        await asyncio.sleep(0.005)
+        cancelled.cancel()
+        await blocker
+        with pytest.raises(DeadlineExceeded):
+            await expires
+        assert np.array_equal(await kept, image_rows(8))
+        left = asyncio.ensure_future(b.submit(image_rows(5)))
+        await asyncio.sleep(0.02)  # its batch is running now: the caller leaves mid-run
+        left.cancel()
+        await asyncio.sleep(0.06)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        run(_observed, rec, BatchConfig(max_batch_size=4), pool, fates, body)
+    computed = {int(x.flat[0]) for x in np.concatenate(rec.batches)}
+    assert computed == {1, 4, 5}
+    assert fates.dropped_by == {"deadline": 2, "cancelled": 2}
+    assert fates.abandoned_rows == 2
+
+
+def test_a_deadline_that_passes_while_the_batch_waits_for_the_ort_thread_is_not_computed():
+    """The last check runs on the ORT thread itself: a busy thread (another model version's
+    run, a slow device) cannot make a row start after its deadline."""
+    rec = Recorder()
+    fates = Fates()
+
+    async def body(b):
+        b.executor.submit(time.sleep, 0.1)  # the only ORT thread is busy for 100 ms
+        with pytest.raises(DeadlineExceeded):
+            await b.submit(image_rows(6), time.monotonic() + 0.03)
+        assert np.array_equal(await b.submit(image_rows(7)), image_rows(14))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        run(_observed, rec, BatchConfig(max_batch_size=4), pool, fates, body)
+    assert [int(x.flat[0]) for x in rec.batches] == [7]
+    assert fates.dropped_by == {"deadline": 2}
+
+
+async def _observed(run_fn, config, pool, observer, body):
+    b = Batcher(run_fn, config, pool, observer)
+    try:
+        return await body(b)
+    finally:
+        await b.close(timeout=5)
+
+
 def test_close_finishes_admitted_work_and_refuses_new():
     rec = Recorder(delay=0.02)
 
