@@ -55,9 +55,17 @@ class InferenceFailed(ServingError):
 
 
 class ModelLoadError(ServingError):
-    """A model version that cannot be served (refused at load; the old version stays)."""
+    """A model version that cannot be served (refused at load; the old version stays).
+
+    `refusal` is a bounded category (serving.repository.REFUSALS) for metrics and alerts;
+    the message says exactly what is wrong and where.
+    """
 
     reason = "load_failed"
+
+    def __init__(self, message: str, refusal: str = "other"):
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class DeviceUnavailable(ServingError):

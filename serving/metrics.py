@@ -188,6 +188,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "convserve_auth_failures_total",
+            "RPCs refused by token auth, by endpoint group ('none': a method in no group) "
+            "and status code (UNAUTHENTICATED or PERMISSION_DENIED).",
+            ["group", "code"],
+            registry=r,
+        )
         self.model_loads = Counter(
             "convserve_model_loads_total",
             "Model versions loaded and warmed.",
@@ -196,9 +203,34 @@ class Metrics:
         )
         self.model_load_failures = Counter(
             "convserve_model_load_failures_total",
-            "Model versions refused at load (the previous version keeps serving).",
-            ["model"],
+            "Model versions refused at load (the previous version keeps serving), by reason "
+            "(serving.repository.REFUSALS: manifest, checksum, too_large, corrupt, "
+            "external_data, custom_op, contract, metadata, ...).",
+            ["model", "reason"],
             registry=r,
+        )
+        self.model_refused = Gauge(
+            "convserve_model_version_refused",
+            "1 for a model version that was refused at load and is not served (until a valid "
+            "version at least as new loads), with the reason.",
+            ["model", "version", "reason"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.model_files_changed = Counter(
+            "convserve_model_files_changed_total",
+            "Served versions whose folder was deleted or changed under the running server "
+            "(they keep serving from memory), by event (deleted, changed).",
+            ["model", "event"],
+            registry=r,
+        )
+        self.repository_writable = Gauge(
+            "convserve_repository_writable_folders",
+            "Model repository folders writable by users other than their owner, by who "
+            "(group, other): whoever can write there chooses what the server runs.",
+            ["who"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_swaps = Counter(
             "convserve_model_swaps_total",
@@ -336,9 +368,28 @@ class MetricsEvents(RepositoryEvents):
     def __init__(self, metrics: Metrics):
         self.m = metrics
         self._live = 0
+        self._refused: set[tuple[str, int, str]] = set()  # refused_version gauges set to 1
 
     def load(self, model: str, version: int, ok: bool, reason: str = "") -> None:
-        (self.m.model_loads if ok else self.m.model_load_failures).labels(model).inc()
+        if ok:
+            self.m.model_loads.labels(model).inc()
+        else:
+            self.m.model_load_failures.labels(model, reason).inc()
+        # A version's refusal is current until it is refused again or it (or a newer one) loads.
+        for key in [k for k in self._refused if k[0] == model and k[1] <= version]:
+            if ok or key[1] == version:
+                self.m.model_refused.labels(key[0], str(key[1]), key[2]).set(0)
+                self._refused.discard(key)
+        if not ok:
+            self.m.model_refused.labels(model, str(version), reason).set(1)
+            self._refused.add((model, version, reason))
+
+    def changed(self, model: str, version: int, event: str) -> None:
+        self.m.model_files_changed.labels(model, event).inc()
+
+    def writable(self, folders: dict[str, int]) -> None:
+        for who, count in folders.items():
+            self.m.repository_writable.labels(who).set(count)
 
     def swap(self, model: str, old: int | None, new: int) -> None:
         if old is not None:

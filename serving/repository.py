@@ -5,8 +5,18 @@ versions are all-digit folder names (the exporter writes into a dot-folder and r
 half-written version is never seen). Each served version gets its own ORT session, its own
 batcher and its own named executor. A new version is loaded and warmed beside the old one,
 then swapped in with one dict assignment on the event loop: requests that already hold the
-old version finish on it; nothing is lost. A version that fails to load is logged and
-counted, and the old one keeps serving.
+old version finish on it; nothing is lost.
+
+The repository is an attack surface: whoever can write to it chooses what the server runs.
+A version is refused, with a reason from REFUSALS in the log and metrics, and the old one keeps
+serving, when its manifest is missing or unusable, a file is over --max-model-bytes, is a
+symlink out of the version folder or differs from the manifest's SHA-256, the protobuf is
+corrupt, the graph uses external data (never read; see serving.runtime) or operators from a
+custom domain (ORT has no library for them: we never register custom-op libraries), its
+input/outputs break the contract, or its `convserve.*` metadata_props disagree with the
+manifest. Folders writable by other users are reported loudly on every scan that finds them.
+A served version lives in memory: if its folder is deleted or changed, it keeps serving
+(logged and counted once) until a higher valid version loads.
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +52,25 @@ VARIANT_FILES = {
 }
 INSIGHT_FILE = "model.insight.onnx"  # stage activations as extra outputs (Explain only)
 
+# Why a version was refused: the `reason` label of convserve_model_load_failures_total.
+REFUSALS = (
+    "manifest",  # missing, not JSON, or missing/unusable fields
+    "missing_file",  # the model file named by --variant is not there or not readable
+    "outside_folder",  # a model file is a symlink that leaves the version folder
+    "too_large",  # over --max-model-bytes
+    "checksum",  # SHA-256 differs from manifest.json (tampered or torn)
+    "corrupt",  # not a parseable ONNX protobuf
+    "external_data",  # initializers stored outside the file
+    "custom_op",  # operators ONNX Runtime does not have (custom domains)
+    "contract",  # input is not uint8 NCHW `images` of the manifest's size, or outputs missing
+    "metadata",  # the graph's convserve.* metadata_props disagree with manifest.json
+    "warmup",  # the graph loads but fails to run
+    "onnxruntime",  # any other refusal by ONNX Runtime
+    "other",
+)
+# The manifest keys the exporter also stamps into the graph that must agree with it.
+METADATA_CHECKED = ("name", "labels", "input", "mean")
+
 
 @dataclass(frozen=True)
 class RepositoryConfig:
@@ -54,7 +85,15 @@ class RepositoryConfig:
 class RepositoryEvents:
     """What the repository reports (implemented by serving.metrics)."""
 
-    def load(self, model: str, version: int, ok: bool, reason: str = "") -> None: ...
+    def load(self, model: str, version: int, ok: bool, reason: str = "") -> None:
+        """A load finished; `reason` is the refusal category (REFUSALS) when not ok."""
+
+    def changed(self, model: str, version: int, event: str) -> None:
+        """A served version's folder was `deleted` or `changed` (it keeps serving)."""
+
+    def writable(self, folders: dict[str, int]) -> None:
+        """Repository folders writable by others, counted by who ("group", "other")."""
+
     def swap(self, model: str, old: int | None, new: int) -> None: ...
     def info(self, mv: ModelVersion, live: bool) -> None: ...
     def observer(self, model: str, version: int) -> BatchObserver | None: ...
@@ -76,6 +115,7 @@ class ModelVersion:
     variant_file: str
     opset: int
     insight: Session | None = None  # model.insight.onnx, when the version has one
+    stamp: float = 0.0  # the folder's _stamp when loaded: a later difference is reported
 
     @property
     def stages(self) -> dict[str, dict[str, Any]]:
@@ -98,19 +138,25 @@ def _read_manifest(vdir: Path) -> tuple[dict[str, Any], InputSpec, tuple[str, ..
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelLoadError(f"{vdir}: no manifest.json") from None
+        raise ModelLoadError(f"{vdir}: no manifest.json", "manifest") from None
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})", "manifest") from None
+    if not isinstance(manifest, dict):
+        raise ModelLoadError(f"{path}: not a JSON object", "manifest")
     try:
         inp = manifest["input"]
         spec = InputSpec(int(inp["channels"]), int(inp["height"]), int(inp["width"]))
         labels = tuple(str(x) for x in manifest["labels"])
         if inp.get("dtype", "uint8") != "uint8" or inp.get("layout", "NCHW") != "NCHW":
-            raise ModelLoadError(f"{path}: input must be uint8 NCHW, manifest says {inp}")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: missing or malformed field {exc}") from None
+            raise ModelLoadError(
+                f"{path}: input must be uint8 NCHW, manifest says {inp}", "manifest"
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{path}: missing or malformed field {exc}", "manifest") from None
     if not labels or spec.channels not in (1, 3) or min(spec.height, spec.width) < 1:
-        raise ModelLoadError(f"{path}: labels/input spec are not usable ({spec}, {labels})")
+        raise ModelLoadError(
+            f"{path}: labels/input spec are not usable ({spec}, {labels})", "manifest"
+        )
     mean = manifest.get("mean")  # Explain fills occluded patches with it
     if not (
         isinstance(mean, list)
@@ -118,7 +164,9 @@ def _read_manifest(vdir: Path) -> tuple[dict[str, Any], InputSpec, tuple[str, ..
         and all(isinstance(m, int | float) and 0.0 <= m <= 1.0 for m in mean)
     ):
         raise ModelLoadError(
-            f"{path}: 'mean' must list {spec.channels} training-mean value(s) in 0..1, got {mean!r}"
+            f"{path}: 'mean' must list {spec.channels} training-mean value(s) in 0..1, "
+            f"got {mean!r}",
+            "manifest",
         )
     return manifest, spec, labels
 
@@ -126,16 +174,55 @@ def _read_manifest(vdir: Path) -> tuple[dict[str, Any], InputSpec, tuple[str, ..
 def _check_contract(session: Session, spec: InputSpec, labels: tuple[str, ...], where: str) -> None:
     """The graph must take uint8 NCHW `images` matching the manifest and give K-way outputs."""
     if session.input_type != "tensor(uint8)":
-        raise ModelLoadError(f"{where}: graph input is {session.input_type}, not tensor(uint8)")
+        raise ModelLoadError(
+            f"{where}: graph input is {session.input_type}, not tensor(uint8)", "contract"
+        )
     shape = session.input_shape
     if len(shape) != 4 or [d for d in shape[1:] if isinstance(d, int)] != list(spec.shape):
-        raise ModelLoadError(f"{where}: graph input shape {shape} does not match {spec.shape}")
+        raise ModelLoadError(
+            f"{where}: graph input shape {shape} does not match {spec.shape} (NCHW)", "contract"
+        )
     for out in ("logits", "probabilities"):
         if out not in session.output_names:
-            raise ModelLoadError(f"{where}: graph has no '{out}' output")
+            raise ModelLoadError(f"{where}: graph has no '{out}' output", "contract")
     k = session.session.get_outputs()[session.output_names.index("probabilities")].shape[-1]
     if isinstance(k, int) and k != len(labels):
-        raise ModelLoadError(f"{where}: graph has {k} classes, manifest has {len(labels)} labels")
+        raise ModelLoadError(
+            f"{where}: graph has {k} classes, manifest has {len(labels)} labels", "contract"
+        )
+
+
+def _check_metadata(session: Session, manifest: dict[str, Any], where: str) -> None:
+    """The exporter stamps manifest keys into the graph's metadata_props (`convserve.KEY`):
+    a graph from another version, model or dataset dropped beside this manifest disagrees.
+    A graph without them (not made by our exporter) is judged by the contract alone."""
+    props = session.session.get_modelmeta().custom_metadata_map
+    for key in METADATA_CHECKED:
+        text = props.get(f"convserve.{key}")
+        if text is None:
+            continue
+        try:
+            value = text if key == "name" else json.loads(text)
+        except ValueError:
+            value = text
+        if value != manifest.get(key):
+            raise ModelLoadError(
+                f"{where}: graph metadata convserve.{key} = {text!r} disagrees with "
+                f"manifest.json ({manifest.get(key)!r})",
+                "metadata",
+            )
+
+
+def _ort_refusal(exc: Exception) -> str:
+    """The REFUSALS category of an ONNX Runtime load error (from its message)."""
+    text = str(exc)
+    if "External data" in text or "external data" in text:
+        return "external_data"
+    if "INVALID_PROTOBUF" in text or "protobuf parsing failed" in text:
+        return "corrupt"
+    if "is not a registered function/op" in text or "opset import for domain" in text:
+        return "custom_op"
+    return "onnxruntime"
 
 
 class ModelRepository:
@@ -157,7 +244,11 @@ class ModelRepository:
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._poller: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
+        self._changed: set[tuple[str, int, str]] = set()  # (name, version, event) reported
+        self._writable: dict[Path, str] = {}  # folder -> who may write it (last scan)
         self.last_error: str = ""
+        # name -> (version, reason, message) of its latest refused version, for operators
+        self.refused: dict[str, tuple[int, str, str]] = {}
 
     # -- queries ---------------------------------------------------------------------
     @property
@@ -230,6 +321,8 @@ class ModelRepository:
 
     async def scan(self) -> None:
         """Load whatever the policy wants and is not loaded yet; swap in newer versions."""
+        self._check_writable()
+        self._check_served()
         for name, versions in self._candidates().items():
             loaded = self._models.get(name, {})
             pinned = self.config.pinned.get(name)
@@ -248,6 +341,48 @@ class ModelRepository:
                 if current:
                     break  # a broken new version: keep serving the current one
 
+    def _check_writable(self) -> None:
+        """Warn loudly about repository folders other users can write (whoever can write
+        there chooses what this server runs); report each folder once until it changes."""
+        found = _writable_folders(self.config.root)
+        for folder, who in found.items():
+            if self._writable.get(folder) != who:
+                log.warning(
+                    "INSECURE model repository: %s is writable by %s users (mode %s); "
+                    "anyone who can write there chooses what this server runs",
+                    folder,
+                    who,
+                    _mode(folder),
+                )
+        self._writable = found
+        counts = {"group": 0, "other": 0}
+        for who in found.values():
+            counts[who] += 1
+        self.events.writable(counts)
+
+    def _check_served(self) -> None:
+        """A served version lives in memory; report (once) its folder vanishing or changing."""
+        for name, versions in self._models.items():
+            for mv in versions.values():
+                if mv.path.is_dir():
+                    if _stamp(mv.path) == mv.stamp:
+                        continue
+                    event = "changed"
+                else:
+                    event = "deleted"
+                if (name, mv.version, event) in self._changed:
+                    continue
+                self._changed.add((name, mv.version, event))
+                log.warning(
+                    "%s version %d: its folder %s was %s under the running server; still "
+                    "serving the copy loaded in memory until a higher valid version loads",
+                    name,
+                    mv.version,
+                    mv.path,
+                    event,
+                )
+                self.events.changed(name, mv.version, event)
+
     async def _try_load(self, name: str, version: int) -> bool:
         vdir = self.config.root / name / str(version)
         stamp = _stamp(vdir)
@@ -258,9 +393,13 @@ class ModelRepository:
         except ModelLoadError as exc:
             self._failed[(name, version)] = stamp
             self.last_error = str(exc)
-            log.error("refused %s version %d: %s", name, version, exc)
-            self.events.load(name, version, ok=False, reason=str(exc))
+            self.refused[name] = (version, exc.refusal, str(exc))
+            log.error("refused %s version %d (%s): %s", name, version, exc.refusal, exc)
+            self.events.load(name, version, ok=False, reason=exc.refusal)
             return False
+        mv.stamp = stamp
+        if self.refused.get(name, (version + 1,))[0] <= version:
+            del self.refused[name]
         self.events.load(name, version, ok=True)
         self._install(mv)
         return True
@@ -311,31 +450,12 @@ class ModelRepository:
         manifest, spec, labels = _read_manifest(vdir)
         fname = VARIANT_FILES[self.config.variant]
         path = vdir / fname
-        if not path.is_file():
-            raise ModelLoadError(f"{vdir}: no {fname}")
-        size = path.stat().st_size
-        if size > self.config.max_model_bytes:
-            raise ModelLoadError(
-                f"{path}: {size} bytes is over the --max-model-bytes cap "
-                f"({self.config.max_model_bytes})"
-            )
-        data = path.read_bytes()
-        digest = manifest.get("files", {}).get(fname)
-        if digest and hashlib.sha256(data).hexdigest() != digest:
-            raise ModelLoadError(f"{path}: SHA-256 differs from manifest.json (tampered or torn)")
-        try:
-            # From bytes: external-data files are never followed, and a later change to
-            # the folder cannot change what this version serves.
-            session = Session(data, self.runtime, f"{vdir.parent.name}:{vdir.name}")
-        except DeviceUnavailable:
-            raise  # an explicit --device that cannot run here stops the server
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: ONNX Runtime refused the model: {exc}") from None
+        session = self._session(path, manifest, f"{vdir.parent.name}:{vdir.name}")
         _check_contract(session, spec, labels, str(path))
         try:
             session.warmup(self.batching.max_batch_size, spec.shape)
         except Exception as exc:
-            raise ModelLoadError(f"{path}: warm-up failed: {exc}") from None
+            raise ModelLoadError(f"{path}: warm-up failed: {exc}", "warmup") from None
         return manifest, spec, labels, session, fname
 
     def _open_insight(self, vdir: Path, manifest: dict[str, Any]) -> Session | None:
@@ -343,16 +463,28 @@ class ModelRepository:
         path = vdir / INSIGHT_FILE
         if not manifest.get("insight") or not path.is_file():
             return None
-        data = path.read_bytes()
-        digest = manifest.get("files", {}).get(INSIGHT_FILE)
+        return self._session(path, manifest, f"{vdir.parent.name}:{vdir.name}:insight")
+
+    def _session(self, path: Path, manifest: dict[str, Any], label: str) -> Session:
+        """Read one model file into memory, check it and open it in ONNX Runtime."""
+        data = _read_model_file(path, self.config.max_model_bytes)
+        digest = (manifest.get("files") or {}).get(path.name)
         if digest and hashlib.sha256(data).hexdigest() != digest:
-            raise ModelLoadError(f"{path}: SHA-256 differs from manifest.json (tampered or torn)")
+            raise ModelLoadError(
+                f"{path}: SHA-256 differs from manifest.json (tampered or torn)", "checksum"
+            )
         try:
-            return Session(data, self.runtime, f"{vdir.parent.name}:{vdir.name}:insight")
+            # From bytes: a later change to the folder cannot change what this version
+            # serves, and ORT reads exactly the bytes we checked (no external data).
+            session = Session(data, self.runtime, label)
         except DeviceUnavailable:
-            raise
+            raise  # an explicit --device that cannot run here stops the server
         except Exception as exc:
-            raise ModelLoadError(f"{path}: ONNX Runtime refused the model: {exc}") from None
+            raise ModelLoadError(
+                f"{path}: ONNX Runtime refused the model: {exc}", _ort_refusal(exc)
+            ) from None
+        _check_metadata(session, manifest, str(path))
+        return session
 
     def _install(self, mv: ModelVersion) -> None:
         versions = self._models.setdefault(mv.name, {})
@@ -390,6 +522,61 @@ class ModelRepository:
             for mv in vs.values():
                 mv.executor.shutdown(wait=False)
         self._loader.shutdown(wait=False)
+
+
+def _read_model_file(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, if it is a regular file inside its version folder under the cap."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path.parent}: no {path.name}", "missing_file")
+    if not path.resolve().is_relative_to(path.parent.resolve()):
+        raise ModelLoadError(
+            f"{path}: a symlink to {path.resolve()}, outside the version folder", "outside_folder"
+        )
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise ModelLoadError(
+                    f"{path}: {size} bytes is over the --max-model-bytes cap ({max_bytes})",
+                    "too_large",
+                )
+            data = f.read(max_bytes + 1)  # the file may grow after the size check
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: not readable ({exc})", "missing_file") from None
+    if len(data) > max_bytes:
+        raise ModelLoadError(f"{path}: over the --max-model-bytes cap ({max_bytes})", "too_large")
+    return data
+
+
+def _writable_folders(root: Path) -> dict[Path, str]:
+    """Root, model and version folders that users other than the owner may write:
+    folder -> "other" (world-writable) or "group"."""
+    out: dict[Path, str] = {}
+    folders = [root]
+    try:
+        for mdir in root.iterdir():
+            if mdir.is_dir() and not mdir.name.startswith("."):
+                folders.append(mdir)
+                folders += [v for v in mdir.iterdir() if v.name.isdigit() and v.is_dir()]
+    except OSError:
+        pass
+    for folder in folders:
+        try:
+            mode = folder.stat().st_mode
+        except OSError:
+            continue
+        if mode & stat.S_IWOTH:
+            out[folder] = "other"
+        elif mode & stat.S_IWGRP:
+            out[folder] = "group"
+    return out
+
+
+def _mode(path: Path) -> str:
+    try:
+        return stat.filemode(path.stat().st_mode)
+    except OSError:
+        return "?"
 
 
 def _stamp(vdir: Path) -> float:

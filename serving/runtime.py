@@ -4,13 +4,18 @@ ONNX Runtime silently falls back to the CPU when the CUDA provider cannot load. 
 the providers a session actually got with those we asked for: `auto` logs the fallback
 loudly and reports the active provider everywhere; an explicit `cuda` fails at start-up.
 Models are loaded from bytes held in memory, so a version folder deleted or replaced under
-a running server cannot change what it serves, and external-data files are never followed.
+a running server cannot change what it serves. External data is never read: ORT resolves an
+external-data `location` of a model loaded from bytes against the process's working directory
+(with graph optimisation off it really reads it), so every session points its external-data
+folder at an empty private directory, where every reference fails.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +82,17 @@ def session_options(opts: RuntimeOptions) -> ort.SessionOptions:
     spin = "1" if opts.allow_spinning else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    so.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", _no_external_data_dir().name
+    )
     return so
+
+
+@functools.cache
+def _no_external_data_dir() -> tempfile.TemporaryDirectory:
+    """An empty folder only this process can write (removed at exit): the only place ORT
+    may look for external data, so every external-data reference fails to resolve."""
+    return tempfile.TemporaryDirectory(prefix="convserve-no-external-data-")
 
 
 class Session:

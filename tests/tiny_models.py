@@ -60,6 +60,7 @@ def make_model(
     outputs: Sequence[str] = ("logits", "probabilities"),
     custom_domain: str | None = None,
     metadata: dict[str, str] | None = None,
+    pad_bytes: int = 0,
 ) -> onnx.ModelProto:
     """A valid tiny classifier graph, or one that breaks the contract in a chosen way.
 
@@ -67,7 +68,9 @@ def make_model(
     input as (N, H, W, C). outputs: leave one out to drop it. custom_domain: route the
     logits through an Identity-like op `Scramble` in that domain (needs a custom operator
     library, which the server never loads). metadata: the graph's metadata_props (default:
-    what the exporter writes for `manifest_for(...)`).
+    what the exporter writes for `manifest_for("tiny", 1, ...)`; {} for none, as in a graph
+    not made by our exporter). pad_bytes: add an unused initializer of that many bytes (a
+    big file that still loads).
     """
     c, h, w = shape
     dims = ["batch", h, w, c] if layout == "NHWC" else ["batch", c, h, w]
@@ -95,6 +98,8 @@ def make_model(
         numpy_helper.from_array(np.array(255.0, dtype=np.float32), "c255"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
     ]
+    if pad_bytes:
+        inits.append(numpy_helper.from_array(np.zeros(pad_bytes, dtype=np.uint8), "pad"))
     graph = helper.make_graph(
         nodes,
         "tiny",
@@ -108,8 +113,9 @@ def make_model(
     model = helper.make_model(graph, opset_imports=opsets, producer_name="tests.tiny_models")
     model.ir_version = IR_VERSION
     labels = list(DEFAULT_LABELS[:num_classes]) if num_classes <= 4 else _labels(num_classes)
-    props = metadata if metadata is not None else metadata_props(manifest_for("tiny", 1, labels))
-    for key, value in props.items():
+    if metadata is None:
+        metadata = metadata_props(manifest_for("tiny", 1, labels, shape))
+    for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
     return model
 
@@ -207,6 +213,8 @@ def write_version(
     manifest_text: str | None = None,
     checksum: bool = True,
     extra_files: dict[str, bytes] | None = None,
+    symlinks: dict[str, Path] | None = None,
+    write_manifest: bool = True,
 ) -> Path:
     """Write a complete version folder `root/name/version` and return its path.
 
@@ -215,7 +223,8 @@ def write_version(
     e.g. truncated or random bytes), `edit_manifest` (mutate the manifest dict before it is
     written, after files are hashed), `manifest_text` (write exactly this as manifest.json,
     e.g. "" or "{not json"), `checksum=False` (leave `files` empty), `extra_files` (name ->
-    bytes written beside the model).
+    bytes written beside the model), `symlinks` (name -> target: a symlink in the folder,
+    replacing a file of that name), `write_manifest=False` (no manifest.json at all).
     Written into a hidden temp folder and renamed, as the exporter does, so a polling server
     never sees half a version.
     """
@@ -236,7 +245,11 @@ def write_version(
     if edit_manifest is not None:
         edit_manifest(man)
     text = manifest_text if manifest_text is not None else json.dumps(man, indent=2)
-    (tmp / MANIFEST_FILE).write_text(text)
+    if write_manifest:
+        (tmp / MANIFEST_FILE).write_text(text)
+    for fname, target in (symlinks or {}).items():
+        (tmp / fname).unlink(missing_ok=True)
+        (tmp / fname).symlink_to(target)
     final = mdir / str(version)
     tmp.rename(final)
     return final
