@@ -226,7 +226,8 @@ def test_a_served_version_deleted_or_changed_on_disk_keeps_serving_until_a_highe
         # A higher valid version replaces it.
         labels = ("black", "grey", "silver", "white")
         write_version(root, MODEL, 2, labels=labels)
-        wait_for(lambda: Client(server.target).model_info()["version"] == 2)
+        with Client(server.target) as client:
+            wait_for(lambda: client.model_info()["version"] == 2, what="version 2 to load")
         assert_serves(server, version=2, labels=labels)
     finally:
         server.stop()
