@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import random
 import sys
 import time
@@ -128,6 +129,49 @@ class TLS:
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
+def read_token_file(path: str | Path) -> str:
+    """The first token in a file (blank lines and `# comments` skipped; a server-style
+    `TOKEN groups` line gives its TOKEN)."""
+    for line in Path(path).read_text().splitlines():
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            return fields[0]
+    raise ValueError(f"{path}: holds no token")
+
+
+def add_access_options(p: argparse.ArgumentParser) -> None:
+    """The TLS and token flags shared by cnn-predict and cnn-bench."""
+    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
+    p.add_argument("--tls-server-name", help="name to check in the server's certificate")
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("CONVSERVE_AUTH_TOKEN"),
+        help="bearer token sent with every call [CONVSERVE_AUTH_TOKEN] (prefer "
+        "--auth-token-file: command lines are visible to other users)",
+    )
+    p.add_argument("--auth-token-file", help="file holding the bearer token")
+
+
+def access_from_args(
+    p: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[TLS | None, str | None]:
+    """(TLS settings or None for plaintext, bearer token or None) from `add_access_options`."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_server_name:
+        tls = TLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    token = args.auth_token
+    if args.auth_token_file:
+        try:
+            token = read_token_file(args.auth_token_file)
+        except (OSError, ValueError) as exc:
+            p.error(f"--auth-token-file: {exc}")
+    return tls, token
+
+
 SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
 
 
@@ -160,6 +204,11 @@ def channel_options(
     if tls is not None and tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))
     return opts
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents `token` to a server run with --auth-token-file."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -262,11 +311,12 @@ class _Base:
         load_balancing: str | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         metadata: Sequence[tuple[str, str]] = (),
+        auth_token: str | None = None,
     ):
         self.target = channel_target(target)
         self.timeout = timeout
         self.retry = retry
-        self.metadata = tuple(metadata)
+        self.metadata = tuple(metadata) + bearer_metadata(auth_token)
         if load_balancing is None:
             load_balancing = default_load_balancing(target)
         self._opts = channel_options(load_balancing, tls, max_message_bytes)
@@ -299,6 +349,8 @@ class Client(_Base):
 
     `target` is `host:port`, `dns:///name:port` (with `load_balancing="round_robin"` to
     spread calls over every address of a headless Service) or a list of `ip:port`.
+    `tls=TLS(ca=..., cert=..., key=...)` connects over TLS (mutual with cert/key), and
+    `auth_token=` sends `authorization: Bearer <token>` with every call.
     """
 
     def __init__(self, target: str | Sequence[str], **kw: Any):
@@ -534,9 +586,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per request")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--model", default="", help="model name (when the server serves several)")
-    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate")
-    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
-    p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
+    add_access_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--explain",
@@ -546,7 +596,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
     args = p.parse_args(argv)
-    tls = TLS(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca or args.tls_cert else None
+    tls, token = access_from_args(p, args)
     try:
         files = find_images(args.paths)
     except FileNotFoundError as exc:
@@ -558,7 +608,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     correct = known = 0
     show = not args.no_progress and len(files) > args.batch_size and sys.stderr.isatty()
     bar = tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr)
-    with Client(args.server, timeout=args.timeout, tls=tls) as client, bar:
+    with Client(args.server, timeout=args.timeout, tls=tls, auth_token=token) as client, bar:
         try:
             labels = client.model_info(args.model)["labels"]
             for start in range(0, len(files), args.batch_size):

@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from serving.client import TLS
+from serving.client import TLS, access_from_args, add_access_options, bearer_metadata
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.proto.inference import grpc_predict_v2_pb2 as v2
@@ -83,6 +83,8 @@ class LoadConfig:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_server_name: str | None = None
+    auth_token: str | None = None  # sent as `authorization: Bearer` metadata; never reported
     seed: int = 0
 
     @property
@@ -100,6 +102,10 @@ class LoadConfig:
     @property
     def stream_method(self) -> str:
         return MODEL_STREAM_INFER if self.v2 else PREDICT_STREAM
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return bearer_metadata(self.auth_token) or None
 
     def n_connections(self) -> int:
         return self.connections or max(1, min(8, self.concurrency))
@@ -236,7 +242,7 @@ def resolve(cfg: LoadConfig) -> LoadConfig:
         return cfg
     with _sync_channel(cfg) as channel:
         info = pb_grpc.ClassifierStub(channel).GetModelInfo(
-            pb.ModelInfoRequest(model=cfg.model), timeout=cfg.timeout
+            pb.ModelInfoRequest(model=cfg.model), timeout=cfg.timeout, metadata=cfg.metadata
         )
     shape = (info.input.channels, info.input.height, info.input.width)
     return replace(cfg, shape=shape, model=cfg.model or (info.name if cfg.v2 else ""))
@@ -244,8 +250,8 @@ def resolve(cfg: LoadConfig) -> LoadConfig:
 
 # ----------------------------------------------------------------------------- channels
 def _tls(cfg: LoadConfig) -> TLS | None:
-    if cfg.tls_ca or cfg.tls_cert:
-        return TLS(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_ca or cfg.tls_cert or cfg.tls_server_name:
+        return TLS(cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_server_name)
     return None
 
 
@@ -350,14 +356,14 @@ class Worker:
 
     async def _unary_loop(self, channel: grpc.aio.Channel, i: int) -> None:
         call = self._unary_call(channel)
-        reqs, timeout = self.requests, self.cfg.timeout
+        reqs, timeout, md = self.requests, self.cfg.timeout, self.cfg.metadata
         while True:
             sent = time.monotonic()
             if sent >= self.measure_until:
                 return
             code = None
             try:
-                code = self._check(await call(reqs[i % len(reqs)], timeout=timeout))
+                code = self._check(await call(reqs[i % len(reqs)], timeout=timeout, metadata=md))
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
             self._record(sent, sent, code)
@@ -367,7 +373,9 @@ class Worker:
         """One stream, one request in flight on it (ping-pong); a failed stream is reopened."""
         reqs = self.requests
         while time.monotonic() < self.measure_until:
-            call = channel.stream_stream(self.cfg.stream_method)(timeout=None)
+            call = channel.stream_stream(self.cfg.stream_method)(
+                timeout=None, metadata=self.cfg.metadata
+            )
             sent = time.monotonic()
             try:
                 while sent < self.measure_until:
@@ -428,7 +436,9 @@ class Worker:
     async def _one(self, call: Any, req: bytes, due: float, sent: float) -> None:
         code = None
         try:
-            code = self._check(await call(req, timeout=self.cfg.timeout))
+            code = self._check(
+                await call(req, timeout=self.cfg.timeout, metadata=self.cfg.metadata)
+            )
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
         self._record(due, sent, code)
@@ -440,7 +450,9 @@ class _Stream:
 
     def __init__(self, worker: Worker, channel: grpc.aio.Channel):
         self.worker = worker
-        self.call = channel.stream_stream(worker.cfg.stream_method)(timeout=None)
+        self.call = channel.stream_stream(worker.cfg.stream_method)(
+            timeout=None, metadata=worker.cfg.metadata
+        )
         self.pending: asyncio.Queue[tuple[float, float] | None] = asyncio.Queue()
         self.writes: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
@@ -572,7 +584,7 @@ def report(cfg: LoadConfig, s: Samples) -> dict[str, Any]:
         # resolution, a busy event loop) and the latency counted from the actual send.
         out["max_send_lag_ms"] = round(s.max_send_lag * 1e3, 3)
         out["latency_from_send_ms"] = percentiles(s.from_send)
-    out["config"] = {k: v for k, v in asdict(cfg).items() if not k.startswith("tls")}
+    out["config"] = {k: v for k, v in asdict(cfg).items() if not k.startswith(("tls", "auth"))}
     return out
 
 
@@ -633,9 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=d.timeout, help="deadline per request, s")
     p.add_argument("--v2-input", default=d.v2_input, help="V2 input tensor name")
     p.add_argument("--v2-output", default=d.v2_output, help="V2 output tensor name")
-    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate")
-    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
-    p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
+    add_access_options(p)
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-': stdout)")
     return p
 
@@ -648,6 +658,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[LoadConfig, str
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.duration <= 0 or a.warmup < 0 or a.rate < 0:
         p.error("--duration must be > 0; --warmup and --rate must be >= 0")
+    _, token = access_from_args(p, a)  # checks the TLS flags; LoadConfig keeps the paths
     shape = tuple(int(x) for x in a.shape.split(",")) if a.shape else ()
     if shape and len(shape) != 3:
         p.error("--shape is C,H,W")
@@ -671,6 +682,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[LoadConfig, str
         tls_ca=a.tls_ca,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
+        tls_server_name=a.tls_server_name,
+        auth_token=token,
     )
     if cfg.open_loop and cfg.concurrency < cfg.processes:
         cfg = replace(cfg, concurrency=cfg.processes)

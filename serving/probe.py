@@ -1,6 +1,7 @@
 """`python -m serving.probe HOST:PORT`: exit 0 when grpc.health.v1 answers SERVING.
 
 Used by container HEALTHCHECKs and scripts (`--wait 60` polls until SERVING or timeout).
+Plaintext only: against a TLS port, probe cnn-serve's `--health-port` instead.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def wait_serving(target: str, timeout: float, service: str = "") -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="convserve-probe", description=__doc__)
-    # A container HEALTHCHECK has no shell to expand variables: follow cnn-serve's port.
-    default = f"localhost:{os.environ.get('CONVSERVE_PORT', '50051')}"
+    # A container HEALTHCHECK has no shell to expand variables: follow cnn-serve's port,
+    # or its plaintext probe port when it has one (the main port may require mTLS/tokens).
+    port = os.environ.get("CONVSERVE_HEALTH_PORT", "0")
+    if port in ("", "0"):
+        port = os.environ.get("CONVSERVE_PORT", "50051")
+    default = f"localhost:{port}"
     p.add_argument("target", nargs="?", default=default, help=f"HOST:PORT (default {default})")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
     p.add_argument("--wait", type=float, default=0.0, help="poll up to this many seconds")

@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from serving.auth import GROUPS, AuthInterceptor, TokenFileError, TokenTable, parse_groups
 from serving.batcher import BatchConfig
 from serving.dataplane import DataPlane, Limits
 from serving.metrics import Metrics, MetricsEvents
@@ -34,6 +35,7 @@ from serving.proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grp
 from serving.repository import VARIANT_FILES, ModelRepository, RepositoryConfig
 from serving.runtime import GRAPH_OPT_LEVELS, RuntimeOptions
 from serving.services import ClassifierServicer, Gate, InferenceServicer
+from serving.tls import CertificateStore, TLSError, TLSFiles
 
 log = logging.getLogger("convserve.server")
 
@@ -76,6 +78,13 @@ class ServerConfig:
     max_model_bytes: int = 512 * 1024 * 1024
     log_format: str = "text"
     log_level: str = "info"
+    # Transport and access (SECURITY.md). No certificate: plaintext. No token file: no auth.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: mutual TLS, clients need a cert it signed
+    auth_token_file: Path | None = None
+    open_groups: tuple[str, ...] = ("health",)  # endpoint groups that need no token
+    health_port: int = 0  # plaintext grpc.health.v1-only listener for probes (0: none)
     reuse_port: bool = False  # set for workers that share a port reserved by the parent
 
     def repository_config(self) -> RepositoryConfig:
@@ -99,6 +108,11 @@ class ServerConfig:
             self.device, self.intra_op_threads, self.inter_op_threads, self.graph_optimization
         )
 
+    def tls_files(self) -> TLSFiles | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TLSFiles(Path(self.tls_cert), Path(self.tls_key), self.tls_client_ca)
+
     def batch_config(self) -> BatchConfig:
         return BatchConfig(
             self.max_batch_size,
@@ -118,6 +132,8 @@ class App:
     health: HealthServicer
     gate: Gate = field(default_factory=Gate)
     decode_executor: concurrent.futures.ThreadPoolExecutor | None = None
+    access: Access | None = None
+    health_server: grpc.aio.Server | None = None  # --health-port: probes only, plaintext
     _process_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -149,11 +165,36 @@ class App:
         await self._set_health()
         log.info("draining: finishing admitted requests (up to %.0fs)", timeout)
         await server.stop(grace=timeout)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=1.0)
         await self.repository.close(timeout=1.0)
         if self._process_task is not None:
             self._process_task.cancel()
         if self.decode_executor is not None:
             self.decode_executor.shutdown(wait=False)
+
+
+@dataclass
+class Access:
+    """TLS certificates and auth tokens of one server: both re-read on change or SIGHUP."""
+
+    certificates: CertificateStore | None
+    tokens: TokenTable | None
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> Access:
+        """Read and check the files; TLSError or TokenFileError refuses to start."""
+        files = config.tls_files()
+        tokens = config.auth_token_file
+        return cls(
+            CertificateStore(files) if files else None, TokenTable(tokens) if tokens else None
+        )
+
+    def reload(self) -> None:
+        if self.certificates is not None:
+            self.certificates.reload()
+        if self.tokens is not None:
+            self.tokens.reload()
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int | str]]:
@@ -193,9 +234,14 @@ async def create_server(
     )
     plane = DataPlane(repository, limits, decode_executor)
     health = HealthServicer()  # it starts out SERVING for "": say NOT_SERVING until loaded
-    app = App(config, metrics, repository, health, decode_executor=decode_executor)
+    access = Access.from_config(config)
+    app = App(config, metrics, repository, health, decode_executor=decode_executor, access=access)
     await app._set_health()
-    server = grpc.aio.server(options=grpc_options(config))
+    interceptors = None  # no token file: no interceptor, so unauthenticated serving pays nothing
+    if access.tokens is not None:
+        open_groups = frozenset(config.open_groups)
+        interceptors = [AuthInterceptor(access.tokens, open_groups, metrics)]
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
     args = (plane, metrics, app.gate, config.device)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(*args), server)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -204,14 +250,32 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
-    address = f"{_host(config.host)}:{config.port}"
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:  # grpc reports a failed bind this way
-        port = 0
-    if port == 0:
-        raise OSError(f"could not bind {address} (in use, or not an address of this host)")
+    creds = access.certificates.credentials() if access.certificates else None
+    port = _bind(server, config.host, config.port, creds)
+    if config.health_port:
+        # Probes cannot present client certificates or tokens: the same HealthServicer
+        # (so the same status) alone on a plaintext port of its own.
+        reuse = ("grpc.so_reuseport", 1 if config.reuse_port else 0)
+        app.health_server = grpc.aio.server(options=[reuse])
+        health_pb2_grpc.add_HealthServicer_to_server(health, app.health_server)
+        _bind(app.health_server, config.host, config.health_port, None)
     return server, port, app
+
+
+def _bind(
+    server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None
+) -> int:
+    address = f"{_host(host)}:{port}"
+    try:
+        if creds is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, creds)
+    except RuntimeError:  # grpc reports a failed bind this way
+        bound = 0
+    if bound == 0:
+        raise OSError(f"could not bind {address} (in use, or not an address of this host)")
+    return bound
 
 
 def _host(host: str) -> str:
@@ -225,12 +289,16 @@ async def serve(config: ServerConfig, registry: CollectorRegistry | None = None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app)
+    servers = [server] + ([app.health_server] if app.health_server else [])
     if config.reuse_port:
         # A worker sharing the port must not take connections before its models are warm.
         await app.start()
-        await server.start()
+        for s in servers:
+            await s.start()
     else:
-        await server.start()  # health answers NOT_SERVING while models load
+        for s in servers:
+            await s.start()  # health answers NOT_SERVING while models load
         await app.start()
     log.info("listening on %s:%d (pid %d)", config.host, port, os.getpid())
     if not app.repository.ready:
@@ -247,6 +315,12 @@ async def serve(config: ServerConfig, registry: CollectorRegistry | None = None)
     await app.drain(server, config.drain_timeout)
     log.info("stopped")
     return 0
+
+
+def _reload(app: App) -> None:
+    log.info("SIGHUP: re-reading TLS certificates and auth tokens")
+    if app.access is not None:
+        app.access.reload()
 
 
 # ----------------------------------------------------------------------------- flags
@@ -332,7 +406,28 @@ def build_parser() -> argparse.ArgumentParser:
     add("max-model-bytes", int, d.max_model_bytes, "largest model file that will be loaded")
     add("log-format", str, d.log_format, "text | json", choices=["text", "json"])
     add("log-level", str, d.log_level, "debug | info | warning | error")
+    add("tls-cert", str, None, "server certificate chain (PEM): TLS on the gRPC port")
+    add("tls-key", str, None, "private key (PEM) of --tls-cert")
+    add("tls-client-ca", str, None, "CA (PEM) that must sign client certificates (mutual TLS)")
+    add(
+        "auth-token-file",
+        str,
+        None,
+        "bearer tokens, one per line: TOKEN [group,group...] (re-read on change)",
+    )
+    add(
+        "open-groups",
+        str,
+        ",".join(d.open_groups),
+        f"endpoint groups that need no token, comma-separated, of {','.join(GROUPS)} "
+        "('none': every group needs one)",
+    )
+    add("health-port", int, d.health_port, "plaintext grpc.health.v1-only port for probes (0: off)")
     return p
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -347,9 +442,18 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         ("max-images-per-request", 1),
         ("max-explain-positions", 1),
         ("max-message-bytes", 1024),
+        ("health-port", 0),
     ):
         if getattr(a, name.replace("-", "_")) < low:
             build_parser().error(f"--{name} must be >= {low}")
+    if bool(a.tls_cert) != bool(a.tls_key):
+        build_parser().error("--tls-cert and --tls-key go together")
+    if a.tls_client_ca and not a.tls_cert:
+        build_parser().error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    try:
+        open_groups = parse_groups("" if a.open_groups == "none" else a.open_groups, "")
+    except TokenFileError as exc:
+        build_parser().error(f"--open-groups{exc}")
     return ServerConfig(
         model_repository=a.model_repository,
         models=tuple(a.model or ()),
@@ -378,6 +482,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         max_model_bytes=a.max_model_bytes,
         log_format=a.log_format,
         log_level=a.log_level,
+        tls_cert=_path(a.tls_cert),
+        tls_key=_path(a.tls_key),
+        tls_client_ca=_path(a.tls_client_ca),
+        auth_token_file=_path(a.auth_token_file),
+        open_groups=tuple(sorted(open_groups)),
+        health_port=a.health_port,
     )
 
 
@@ -412,6 +522,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.workers > 1:
         from serving.workers import run_workers
 
+        try:  # here, once: a worker that cannot start would be restarted forever
+            Access.from_config(config)
+        except (TLSError, TokenFileError) as exc:
+            log.error("cannot start: %s", exc)
+            return 3
+
         return run_workers(config)
     return run_single(config)
 
@@ -432,7 +548,7 @@ def run_single(config: ServerConfig) -> int:
         start_http_server(config.metrics_port, config.metrics_host, registry)
     try:
         return asyncio.run(serve(config, registry))
-    except (DeviceUnavailable, OSError) as exc:
+    except (DeviceUnavailable, OSError, TLSError, TokenFileError) as exc:
         log.error("cannot start: %s", exc)
         return 3
 

@@ -2,9 +2,10 @@
 
 The parent reserves the port with SO_REUSEPORT (so nothing else can take it), wipes the
 Prometheus multiprocess folder, starts the workers (each a full single-worker server with
-its own ORT sessions), serves the aggregated /metrics, restarts a worker that dies, and on
-SIGTERM forwards it and waits for every worker to drain. SO_REUSEPORT spreads connections,
-not requests: clients need several connections to use every worker.
+its own ORT sessions), serves the aggregated /metrics, restarts a worker that dies, forwards
+SIGHUP (re-read certificates and tokens), and on SIGTERM forwards it and waits for every
+worker to drain. SO_REUSEPORT spreads connections, not requests: clients need several
+connections to use every worker.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def _worker_argv(port: int, config: ServerConfig) -> list[str]:
     ]
 
 
+def _forward(workers: list[subprocess.Popen], sig: signal.Signals) -> None:
+    for w in workers:
+        with contextlib.suppress(ProcessLookupError):
+            w.send_signal(sig)
+
+
 def run_workers(config: ServerConfig) -> int:
     """The parent process of a multi-worker server."""
     mp_dir = Path(
@@ -78,7 +85,10 @@ def run_workers(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
 
-    with reserve_port(config.host, config.port) as port:
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(reserve_port(config.host, config.port))
+        if config.health_port:  # the workers share the probe port the same way
+            stack.enter_context(reserve_port(config.host, config.health_port))
         env = {**os.environ, WORKER_ENV: str(port)}
         if config.metrics_port:
             registry = CollectorRegistry()
@@ -88,7 +98,9 @@ def run_workers(config: ServerConfig) -> int:
         def spawn() -> subprocess.Popen:
             return subprocess.Popen(_worker_argv(port, config), env=env)
 
-        workers = [spawn() for _ in range(config.workers)]
+        workers: list[subprocess.Popen] = []
+        signal.signal(signal.SIGHUP, lambda *_: _forward(workers, signal.SIGHUP))
+        workers += [spawn() for _ in range(config.workers)]
         log.info("started %d workers on port %d: %s", len(workers), port, [w.pid for w in workers])
         while not stopping.wait(0.2):
             for i, w in enumerate(workers):
@@ -96,9 +108,7 @@ def run_workers(config: ServerConfig) -> int:
                     log.error("worker %d exited with %s; restarting it", w.pid, w.returncode)
                     multiprocess.mark_process_dead(w.pid, str(mp_dir))
                     workers[i] = spawn()
-        for w in workers:
-            with contextlib.suppress(ProcessLookupError):
-                w.send_signal(signal.SIGTERM)
+        _forward(workers, signal.SIGTERM)
         deadline = time.monotonic() + config.drain_timeout + 10
         code = 0
         for w in workers:

@@ -1,0 +1,508 @@
+"""Transport and access: TLS, mutual TLS, certificate rotation, bearer tokens, the probe port.
+
+Two real `cnn-serve` processes serve a tiny model (tests/tiny_models.py), each started once:
+
+- `tls_server`: one worker, TLS (server certificate only), a token file, `--health-port`,
+  gRPC bound to 0.0.0.0 and /metrics to 127.0.0.1 only;
+- `mtls_server`: `--workers 2`, mutual TLS, `--health-port`, no tokens.
+
+Certificates are made at test time (tests/certs.py); no key is ever committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from serving.client import TLS, Client, PredictionError
+from serving.probe import check
+from serving.proto.convserve.v1 import classifier_pb2 as pb
+from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from serving.proto.inference import grpc_predict_v2_pb2 as v2
+from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from tests.certs import CA
+from tests.serving_helpers import ROOT, ServerProcess, free_port, metric_value, start_server
+from tests.tiny_models import image_of_class, write_version
+
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
+TOKENS = "# test tokens\ntok-all\n\ntok-infer inference\ntok-meta metadata\n"
+GREY = image_of_class(2)  # the tiny model answers class 2 ("mid") for it
+
+
+@dataclass
+class Secured:
+    """A running server and the files its clients need (`ca` follows certificate rotation)."""
+
+    server: ServerProcess
+    health_port: int
+    dir: Path
+    ca: Path
+    tokens: Path | None = None
+    client_cert: tuple[Path, Path] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.server.port}"
+
+    def tls(self, ca: Path | None = None) -> TLS:
+        cert, key = self.client_cert or (None, None)
+        return TLS(str(ca or self.ca), cert and str(cert), key and str(key))
+
+    def channel(self, ca: Path | None = None, cert: tuple[Path, Path] | None = None):
+        """A new channel (its own connection, so a new TLS handshake)."""
+        cert = cert or self.client_cert
+        creds = grpc.ssl_channel_credentials(
+            (ca or self.ca).read_bytes(),
+            cert[1].read_bytes() if cert else None,
+            cert[0].read_bytes() if cert else None,
+        )
+        opts = [("grpc.use_local_subchannel_pool", 1), ("test.nonce", str(time.monotonic_ns()))]
+        return grpc.secure_channel(self.target, creds, options=opts)
+
+
+def _wait_health(server: ServerProcess, port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while check(f"127.0.0.1:{port}", timeout=1.0) != "SERVING":
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"server did not come up:\n{server.log()}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    write_version(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tls_server(repo, tmp_path_factory) -> Iterator[Secured]:
+    d = tmp_path_factory.mktemp("tls")
+    ca = CA("server-ca")
+    cert, key = ca.issue("server").write(d / "server")
+    tokens = d / "tokens.txt"
+    tokens.write_text(TOKENS)
+    health = free_port()
+    server = start_server(
+        repo,
+        d,
+        *("--host", "0.0.0.0", "--poll-interval", "0"),
+        *("--tls-cert", str(cert), "--tls-key", str(key)),
+        *("--auth-token-file", str(tokens), "--health-port", str(health)),
+        wait=False,
+    )
+    try:
+        _wait_health(server, health)
+        yield Secured(server, health, d, ca.write(d / "ca.crt"), tokens)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def mtls_server(repo, tmp_path_factory) -> Iterator[Secured]:
+    d = tmp_path_factory.mktemp("mtls")
+    server_ca, client_ca = CA("server-ca"), CA("client-ca")
+    cert, key = server_ca.issue("server").write(d / "server")
+    health = free_port()
+    server = start_server(
+        repo,
+        d,
+        *("--workers", "2", "--intra-op-threads", "1", "--poll-interval", "0"),
+        *("--tls-cert", str(cert), "--tls-key", str(key)),
+        *("--tls-client-ca", str(client_ca.write(d / "client-ca.crt"))),
+        *("--health-port", str(health)),
+        wait=False,
+    )
+    try:
+        _wait_health(server, health)
+        client = client_ca.issue("client").write(d / "client")
+        yield Secured(server, health, d, server_ca.write(d / "ca.crt"), client_cert=client)
+    finally:
+        server.stop()
+
+
+def _code(fn: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _predict_request() -> pb.PredictRequest:
+    t = pb.Tensor(dtype=pb.UINT8, shape=list(GREY.shape), data=GREY.tobytes())
+    return pb.PredictRequest(images=[pb.Image(tensor=t)])
+
+
+def _calls(channel: grpc.Channel, token: str | None) -> dict[str, Callable[[], object]]:
+    """One call per method under test, each sending `token` (None: no authorization)."""
+    md = _bearer(token)
+    c, i = pb_grpc.ClassifierStub(channel), v2_grpc.GRPCInferenceServiceStub(channel)
+    infer = v2.ModelInferRequest(model_name="tiny")
+    infer.inputs.add(name="images", datatype="UINT8", shape=[1, *GREY.shape])
+    infer.raw_input_contents.append(GREY.tobytes())
+    explain = pb.ExplainRequest(image=_predict_request().images[0])
+    return {
+        "Predict": lambda: c.Predict(_predict_request(), metadata=md, timeout=10),
+        "PredictStream": lambda: list(
+            c.PredictStream(iter([_predict_request()]), metadata=md, timeout=10)
+        ),
+        "Explain": lambda: c.Explain(explain, metadata=md, timeout=10),
+        "ModelInfer": lambda: i.ModelInfer(infer, metadata=md, timeout=10),
+        "GetModelInfo": lambda: c.GetModelInfo(pb.ModelInfoRequest(), metadata=md, timeout=10),
+        "ServerReady": lambda: i.ServerReady(v2.ServerReadyRequest(), metadata=md, timeout=10),
+        "ModelMetadata": lambda: i.ModelMetadata(
+            v2.ModelMetadataRequest(name="tiny"), metadata=md, timeout=10
+        ),
+    }
+
+
+INFERENCE = ("Predict", "PredictStream", "Explain", "ModelInfer")
+METADATA = ("GetModelInfo", "ServerReady", "ModelMetadata")
+
+
+# ----------------------------------------------------------------------------- TLS
+def test_tls_serves_and_a_plaintext_client_is_refused(tls_server):
+    with Client(tls_server.target, tls=tls_server.tls(), auth_token="tok-all") as client:
+        assert client.predict([GREY])[0].label == "mid"
+    with grpc.insecure_channel(tls_server.target) as ch:
+        code = _code(_calls(ch, "tok-all")["Predict"])
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("client_cert", ["none", "other-ca", "trusted-ca"])
+def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca(
+    mtls_server, client_cert
+):
+    cert = {
+        "none": None,
+        "other-ca": CA("other-ca").issue("intruder").write(mtls_server.dir / "intruder"),
+        "trusted-ca": mtls_server.client_cert,
+    }[client_cert]
+    creds = grpc.ssl_channel_credentials(
+        mtls_server.ca.read_bytes(),
+        cert[1].read_bytes() if cert else None,
+        cert[0].read_bytes() if cert else None,
+    )
+    with grpc.secure_channel(mtls_server.target, creds) as ch:
+        code = _code(_calls(ch, None)["Predict"])
+    want = grpc.StatusCode.OK if client_cert == "trusted-ca" else grpc.StatusCode.UNAVAILABLE
+    assert code == want
+
+
+def test_health_port_answers_plaintext_while_the_main_port_requires_mutual_tls(mtls_server):
+    assert check(f"127.0.0.1:{mtls_server.health_port}") == "SERVING"
+    assert check(f"127.0.0.1:{mtls_server.server.port}") == "UNREACHABLE"
+    with grpc.insecure_channel(f"127.0.0.1:{mtls_server.health_port}") as ch:
+        # health alone: the model's services are not on the probe port
+        code = _code(_calls(ch, None)["Predict"])
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _rewrite_keeping_mtime(path: Path, data: bytes) -> None:
+    st = path.stat()
+    path.write_bytes(data)  # same inode
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _fresh_connections_ok(s: Secured, ca: Path, n: int) -> bool:
+    for _ in range(n):
+        with s.channel(ca) as ch:
+            if _code(_calls(ch, None)["ServerReady"]) != grpc.StatusCode.OK:
+                return False
+    return True
+
+
+def test_sighup_to_the_parent_reloads_certificates_in_every_worker(mtls_server):
+    new_ca = CA("server-ca-2")
+    new_ca_path = new_ca.write(mtls_server.dir / "ca2.crt")
+    leaf = new_ca.issue("server")
+    # Rewritten in place with the old mtime: invisible to the change check, only SIGHUP
+    # can make the workers read it.
+    _rewrite_keeping_mtime(mtls_server.dir / "server.crt", leaf.cert_pem)
+    _rewrite_keeping_mtime(mtls_server.dir / "server.key", leaf.key_pem)
+    assert _fresh_connections_ok(mtls_server, mtls_server.ca, 4)
+    mtls_server.server.proc.send_signal(signal.SIGHUP)
+    # 8 new connections in a row spread over both workers (SO_REUSEPORT): all must see it.
+    deadline = time.monotonic() + 15
+    while not _fresh_connections_ok(mtls_server, new_ca_path, 8):
+        assert time.monotonic() < deadline, mtls_server.server.log()
+        time.sleep(0.2)
+    mtls_server.ca = new_ca_path
+    assert mtls_server.server.proc.poll() is None
+
+
+def test_certificate_rotation_keeps_open_streams_and_new_connections_see_it(tls_server):
+    s = tls_server
+    requests: list[pb.PredictRequest] = []
+    answers = []
+
+    def feed() -> Iterator[pb.PredictRequest]:
+        while True:
+            while not requests:
+                time.sleep(0.01)
+            r = requests.pop()
+            if r is None:
+                return
+            yield r
+
+    with s.channel() as old:
+        stream = pb_grpc.ClassifierStub(old).PredictStream(
+            feed(), metadata=_bearer("tok-infer"), timeout=30
+        )
+        requests.append(_predict_request())
+        answers.append(next(stream))
+        new_ca = CA("server-ca-2")
+        new_ca_path = new_ca.write(s.dir / "ca2.crt")
+        new_ca.issue("server").write(s.dir / "server")  # replaced: a new mtime
+        with s.channel(new_ca_path) as ch:
+            assert _code(_calls(ch, "tok-all")["GetModelInfo"]) == grpc.StatusCode.OK
+        with s.channel(s.ca) as ch:  # the old CA no longer vouches for the server
+            assert _code(_calls(ch, "tok-all")["GetModelInfo"]) == grpc.StatusCode.UNAVAILABLE
+        requests.append(_predict_request())
+        answers.append(next(stream))  # the stream opened before the rotation still answers
+        requests.append(None)
+        assert list(stream) == []
+    s.ca = new_ca_path
+    assert [a.predictions[0].classes[0].label for a in answers] == ["mid", "mid"]
+
+
+# ----------------------------------------------------------------------------- tokens
+@pytest.mark.parametrize("token", [None, "not-a-token", "tok-all-but-longer"])
+def test_a_missing_or_unknown_token_is_unauthenticated(tls_server, token):
+    with tls_server.channel() as ch:
+        codes = {name: _code(call) for name, call in _calls(ch, token).items()}
+    assert codes == dict.fromkeys(codes, UNAUTHENTICATED)
+
+
+def test_a_token_outside_its_groups_is_permission_denied(tls_server):
+    with tls_server.channel() as ch:
+        meta = {n: _code(c) for n, c in _calls(ch, "tok-meta").items() if n in INFERENCE}
+        infer = {n: _code(c) for n, c in _calls(ch, "tok-infer").items() if n in METADATA}
+    assert meta == dict.fromkeys(INFERENCE, PERMISSION_DENIED)
+    assert infer == dict.fromkeys(METADATA, PERMISSION_DENIED)
+
+
+def test_a_token_inside_its_groups_is_served(tls_server):
+    with tls_server.channel() as ch:
+        infer = {n: _code(c) for n, c in _calls(ch, "tok-infer").items() if n in INFERENCE}
+        meta = {n: _code(c) for n, c in _calls(ch, "tok-meta").items() if n in METADATA}
+        every = {n: _code(c) for n, c in _calls(ch, "tok-all").items()}
+    assert infer == dict.fromkeys(INFERENCE, grpc.StatusCode.OK)
+    assert meta == dict.fromkeys(METADATA, grpc.StatusCode.OK)
+    assert every == dict.fromkeys(every, grpc.StatusCode.OK)
+
+
+def test_health_is_open_by_default_and_reflection_is_not(tls_server):
+    with tls_server.channel() as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        code = _code(lambda: list(refl.ServerReflectionInfo(iter([ask]), timeout=5)))
+        allowed = _code(
+            lambda: list(
+                refl.ServerReflectionInfo(iter([ask]), timeout=5, metadata=_bearer("tok-all"))
+            )
+        )
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    assert (code, allowed) == (UNAUTHENTICATED, grpc.StatusCode.OK)
+
+
+def test_refusals_are_counted_by_group_and_code(tls_server):
+    def counted(code: str) -> float:
+        text = tls_server.server.metrics()
+        return metric_value(text, "convserve_auth_failures_total", group="inference", code=code)
+
+    before = counted("PERMISSION_DENIED"), counted("UNAUTHENTICATED")
+    with tls_server.channel() as ch:
+        _code(_calls(ch, "tok-meta")["Predict"])
+        _code(_calls(ch, "tok-meta")["Explain"])
+        _code(_calls(ch, "nobody")["Predict"])
+    after = counted("PERMISSION_DENIED"), counted("UNAUTHENTICATED")
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
+
+
+def test_token_file_edits_apply_without_a_restart(tls_server):
+    tokens = tls_server.tokens
+    tokens.write_text("tok-all\ntok-new inference\ntok-meta metadata\n")  # tok-infer removed
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with tls_server.channel() as ch:
+                new = _code(_calls(ch, "tok-new")["Predict"])
+                gone = _code(_calls(ch, "tok-infer")["Predict"])
+            if (new, gone) == (grpc.StatusCode.OK, UNAUTHENTICATED):
+                break
+            assert time.monotonic() < deadline, (new, gone)
+            time.sleep(0.2)
+    finally:
+        tokens.write_text(TOKENS)
+        time.sleep(1.1)  # the file is looked at once a second; later tests need tok-infer
+
+
+# ----------------------------------------------------------------------------- clients
+def test_client_and_cnn_predict_present_tls_and_a_token(tls_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("# mine\ntok-infer\n")
+    image = tmp_path / "grey.png"
+    from PIL import Image
+
+    Image.fromarray(GREY[0]).save(image)
+    with Client(tls_server.target, tls=tls_server.tls(), auth_token="tok-infer") as client:
+        assert client.predict([image])[0].label == "mid"
+        with pytest.raises(PredictionError) as denied:
+            client.model_info()
+    assert denied.value.code == PERMISSION_DENIED
+
+    def predict(*flags: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "serving.client", "--server", tls_server.target, *flags]
+        return subprocess.run(
+            [*cmd, "--tls-ca", str(tls_server.ca), str(image)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # A known token (read from the file) that lacks `metadata`: cnn-predict asks GetModelInfo.
+    limited = predict("--auth-token-file", str(token_file))
+    assert limited.returncode == 1 and "PERMISSION_DENIED" in limited.stderr
+    ok = predict("--auth-token", "tok-all", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["classes"][0]["label"] == "mid"
+    refused = predict("--auth-token", "wrong")
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+def test_cnn_bench_presents_tls_and_a_token(tls_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-all\n")
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "serving.loadgen", "--target", tls_server.target),
+            *("--tls-ca", str(tls_server.ca), "--auth-token-file", str(token_file)),
+            *("--duration", "0.3", "--warmup", "0", "--concurrency", "1", "--json", "-"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["errors"] == {} and report["requests"] > 0
+    assert "tok-all" not in out.stdout  # the token is never reported
+
+
+# ----------------------------------------------------------------------------- metrics
+def _connects(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_metrics_bound_to_loopback_is_not_reachable_on_another_address(tls_server):
+    # 127.0.0.2 is this host too: the 0.0.0.0 listeners answer there, the 127.0.0.1 one not.
+    s = tls_server.server
+    assert "convserve_requests_total" in s.metrics()
+    assert _connects("127.0.0.2", tls_server.health_port)
+    assert not _connects("127.0.0.2", s.metrics_port)
+
+
+# ----------------------------------------------------------------------------- start-up
+@pytest.fixture(scope="module")
+def refused_starts(repo, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """cnn-serve with bad credentials, all started at once (each stops before loading)."""
+    d = tmp_path_factory.mktemp("bad")
+    ca = CA("ca")
+    cert, _ = ca.issue("a").write(d / "a")
+    _, other_key = ca.issue("b").write(d / "b")
+    (d / "tokens").write_text("tok-x inference,admin\n")
+    base = [sys.executable, "-m", "serving.server", "--model-repository", str(repo)]
+    base += ["--host", "127.0.0.1", "--metrics-port", "0"]
+    cases = {
+        "mismatched-key": ["--tls-cert", str(cert), "--tls-key", str(other_key)],
+        "mismatched-key-workers": [
+            *("--workers", "2", "--tls-cert", str(cert), "--tls-key", str(other_key))
+        ],
+        "missing-cert": ["--tls-cert", str(d / "nope.crt"), "--tls-key", str(other_key)],
+        "bad-token-file": ["--auth-token-file", str(d / "tokens")],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [*base, "--port", str(free_port()), *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, args in cases.items()
+    }
+    out = {}
+    for name, p in procs.items():
+        try:
+            stdout, _ = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, _ = p.communicate()
+        out[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout)
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("mismatched-key", "not a matching PEM certificate"),
+        ("mismatched-key-workers", "not a matching PEM certificate"),
+        ("missing-cert", "nope.crt: cannot be read"),
+        ("bad-token-file", "unknown group(s) ['admin']"),
+    ],
+)
+def test_refuses_to_start_with_bad_credentials(refused_starts, case, says):
+    result = refused_starts[case]
+    assert result.returncode == 3, result.stdout
+    assert "cannot start" in result.stdout and says in result.stdout
+
+
+def test_tokens_are_compared_in_constant_time_over_every_entry(tmp_path, monkeypatch):
+    """Every entry is compared (no early exit at a match), as digests of equal length."""
+    import hmac
+
+    from serving import auth
+
+    path = tmp_path / "tokens"
+    path.write_text("first\nsecond inference\nthird\n")
+    table = auth.TokenTable(path)
+    seen: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        seen.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    assert table.grants("first") == frozenset(auth.GROUPS)
+    assert table.grants("second") == frozenset({"inference"})
+    assert table.grants("x" * 1000) is None
+    assert seen == [(32, 32)] * 9
