@@ -156,7 +156,9 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     return None
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str):
+def _refusal(
+    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str
+) -> grpc.RpcMethodHandler:
     """A handler of the same kind as the refused one that only aborts."""
 
     async def abort(request: object, context: grpc.aio.ServicerContext) -> None:
@@ -194,12 +196,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         grants = self.tokens.grants(token) if token else None
         if grants is not None and group in grants:
             return await continuation(details)
+        # The refusal must be a handler of the real method's kind (a streaming one must not
+        # wait for a first message the client may never send).
+        handler = await continuation(details)
         if grants is None:
             code, why = grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required"
+        elif handler is None:
+            return None  # a known caller, a method that does not exist: UNIMPLEMENTED
         else:
             code, why = grpc.StatusCode.PERMISSION_DENIED, "this token does not grant this method"
         self._refused(details.method, group, code)
-        return _refusal(await continuation(details), code, why)
+        return _refusal(handler, code, why)
 
     def _refused(self, method: str, group: str | None, code: grpc.StatusCode) -> None:
         self._failures.labels(group or "none", code.name).inc()

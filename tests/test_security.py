@@ -327,6 +327,24 @@ def test_health_is_open_by_default_and_reflection_is_not(tls_server):
     assert (code, allowed) == (UNAUTHENTICATED, grpc.StatusCode.OK)
 
 
+def test_every_rpc_we_serve_belongs_to_a_group():
+    """A method in no group is refused to every token: a new RPC must be given a group."""
+    from serving.auth import group_of
+
+    for file in (pb.DESCRIPTOR, v2.DESCRIPTOR):
+        for service in file.services_by_name.values():
+            for m in service.methods:
+                assert group_of(f"/{service.full_name}/{m.name}") is not None, m.full_name
+
+
+def test_a_method_outside_every_group_is_refused(tls_server):
+    with tls_server.channel() as ch:
+        nope = ch.unary_unary("/convserve.v1.Classifier/Nope")
+        anonymous = _code(lambda: nope(b"", timeout=5))
+        known = _code(lambda: nope(b"", timeout=5, metadata=_bearer("tok-all")))
+    assert (anonymous, known) == (UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+
+
 def test_refusals_are_counted_by_group_and_code(tls_server):
     def counted(code: str) -> float:
         text = tls_server.server.metrics()
@@ -362,7 +380,7 @@ def test_token_file_edits_apply_without_a_restart(tls_server):
 # ----------------------------------------------------------------------------- clients
 def test_client_and_cnn_predict_present_tls_and_a_token(tls_server, tmp_path):
     token_file = tmp_path / "token"
-    token_file.write_text("# mine\ntok-infer\n")
+    token_file.write_text("# mine\ntok-all\n")
     image = tmp_path / "grey.png"
     from PIL import Image
 
@@ -383,14 +401,12 @@ def test_client_and_cnn_predict_present_tls_and_a_token(tls_server, tmp_path):
             timeout=60,
         )
 
-    # A known token (read from the file) that lacks `metadata`: cnn-predict asks GetModelInfo.
-    limited = predict("--auth-token-file", str(token_file))
-    assert limited.returncode == 1 and "PERMISSION_DENIED" in limited.stderr
-    ok = predict("--auth-token", "tok-all", "--json")
+    ok = predict("--auth-token-file", str(token_file), "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["classes"][0]["label"] == "mid"
-    refused = predict("--auth-token", "wrong")
-    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    # --auth-token reaches the server: a known token that may read metadata, not predict.
+    refused = predict("--auth-token", "tok-meta")
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
 
 
 def test_cnn_bench_presents_tls_and_a_token(tls_server, tmp_path):
