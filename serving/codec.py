@@ -4,6 +4,17 @@ Encoded images are decoded with Pillow (PNG, JPEG, WebP, BMP, GIF), turned uprig
 EXIF orientation, converted to the model's channels and resized to its input size. Raw
 tensors are checked for dtype, shape, byte length and (for float32) finite values in 0..255.
 Everything here raises InvalidInput with a message naming the problem.
+
+What a hostile or unusual image gets (each is tested in tests/test_codec_edge_cases.py):
+- more pixels than `max_pixels(spec)` (a decompression bomb): refused from the header alone,
+  before any pixel is decoded;
+- truncated data: refused ("image file is truncated"), never half-decoded;
+- animated GIF/WebP/PNG: the first frame;
+- transparency (RGBA, LA, a palette or grey/RGB image with tRNS): composited onto black,
+  the background of the images we train on;
+- 16-bit greyscale: scaled to 8 bits (the top byte), not clipped;
+- CMYK JPEG: converted to RGB (or L) by Pillow;
+- an EXIF orientation tag: applied, so a phone photo is not sideways.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from serving.errors import InvalidInput
 
 # A decompression bomb (a tiny file that decodes to gigapixels) is refused before decoding.
+# 16 MP admits any phone photo and bounds one decode to ~64 MB and well under a second; a
+# model whose own input is larger still accepts images of 4x its input size.
 MAX_IMAGE_PIXELS = 16_000_000
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "MPO"})
 
@@ -40,10 +53,16 @@ class InputSpec:
         return self.channels * self.height * self.width
 
 
+def max_pixels(spec: InputSpec) -> int:
+    """The most pixels an encoded image for this model may declare."""
+    return max(MAX_IMAGE_PIXELS, 4 * spec.height * spec.width)
+
+
 def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
     """Encoded image bytes -> (C, H, W) uint8 for `spec`."""
     if not data:
         raise InvalidInput("image is empty (0 bytes)")
+    limit = max_pixels(spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -53,9 +72,9 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
             w, h = img.size
             if w < 1 or h < 1:
                 raise InvalidInput(f"image has zero size ({w}x{h})")
-            if w * h > MAX_IMAGE_PIXELS:
+            if w * h > limit:
                 raise InvalidInput(
-                    f"image is {w}x{h} = {w * h} pixels, over the limit of {MAX_IMAGE_PIXELS}"
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of {limit}"
                 )
             img.seek(0)  # animated images: the first frame
             img = ImageOps.exif_transpose(img)
@@ -65,8 +84,11 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
             arr = np.asarray(img, dtype=np.uint8)
     except InvalidInput:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInput(f"image refused as a decompression bomb: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own check (in Image.open) fires first for the very largest headers.
+        raise InvalidInput(
+            f"image refused as a decompression bomb: over the limit of {limit} pixels"
+        ) from None
     except UnidentifiedImageError:
         raise InvalidInput(
             "image bytes are not a recognised image format (PNG, JPEG, WebP, BMP or GIF)"
@@ -84,7 +106,7 @@ def _to_channels(img: Image.Image, channels: int) -> Image.Image:
         # 16-bit greyscale: keep the top 8 bits rather than clipping everything to white.
         arr = np.asarray(img, dtype=np.uint32) >> 8
         img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         # Transparent pixels become black, the background of the images we train on.
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving import occlusion
-from serving.codec import decode_image, float_to_uint8, tensor_to_image, top_k
+from serving.codec import InputSpec, decode_image, float_to_uint8, tensor_to_image, top_k
 from serving.errors import InvalidInput
 from serving.repository import ModelRepository, ModelVersion
 
@@ -161,18 +161,20 @@ class DataPlane:
         return Explanation(mv, result, maps, png)
 
     def batch_tensor(
-        self, mv: ModelVersion, dtype: str, shape: Sequence[int], data: bytes
+        self, spec: InputSpec, dtype: str, shape: Sequence[int], data: bytes
     ) -> np.ndarray:
-        """A V2 input tensor (N, C, H, W) of UINT8 or FP32 -> validated uint8 rows."""
+        """A V2 input tensor (N, C, H, W) of UINT8 or FP32 for a model taking `spec` ->
+        validated uint8 rows."""
         shape = tuple(int(d) for d in shape)
-        if len(shape) != 4 or shape[1:] != mv.spec.shape:
+        if len(shape) != 4 or shape[1:] != spec.shape:
+            shown = list(shape) if len(shape) <= 8 else f"{len(shape)} dimensions"
             raise InvalidInput(
-                f"input 'images' must have shape [N, {', '.join(map(str, mv.spec.shape))}], "
-                f"got {list(shape)}"
+                f"input 'images' must have shape [N, {', '.join(map(str, spec.shape))}], "
+                f"got {shown}"
             )
         n = shape[0]
         if n < 1:
-            raise InvalidInput("input 'images' has batch size 0")
+            raise InvalidInput(f"input 'images' has batch size {n}")
         if n > self.limits.max_images_per_request:
             raise InvalidInput(
                 f"request has {n} images; the limit is {self.limits.max_images_per_request}"
@@ -180,7 +182,7 @@ class DataPlane:
         itemsize = {"UINT8": 1, "FP32": 4}.get(dtype)
         if itemsize is None:
             raise InvalidInput(f"input 'images' datatype must be UINT8 or FP32, got {dtype}")
-        expected = n * mv.spec.nbytes * itemsize
+        expected = n * spec.nbytes * itemsize
         if len(data) != expected:
             raise InvalidInput(
                 f"input 'images' holds {len(data)} bytes; shape {list(shape)} of {dtype} "

@@ -34,7 +34,7 @@ from serving.proto.convserve.v1 import classifier_pb2, classifier_pb2_grpc
 from serving.proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from serving.repository import VARIANT_FILES, ModelRepository, RepositoryConfig
 from serving.runtime import GRAPH_OPT_LEVELS, RuntimeOptions
-from serving.services import ClassifierServicer, Gate, InferenceServicer
+from serving.services import ClassifierServicer, Gate, InferenceServicer, TolerantRegistration
 from serving.tls import CertificateStore, TLSError, TLSFiles
 
 log = logging.getLogger("convserve.server")
@@ -243,9 +243,11 @@ async def create_server(
         interceptors = [AuthInterceptor(access.tokens, open_groups, metrics)]
     server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
     args = (plane, metrics, app.gate, config.device)
-    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(*args), server)
+    # Undecodable request bytes reach the servicers, which answer INVALID_ARGUMENT.
+    ours = TolerantRegistration(server)
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(*args), ours)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(*args), server
+        InferenceServicer(*args), ours
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from serving import errors
 from serving.dataplane import DataPlane, EncodedImage, ImageInput, RawTensor
@@ -26,7 +27,6 @@ from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from serving.repository import ModelVersion
 
 log = logging.getLogger("convserve.services")
 
@@ -47,6 +47,7 @@ STATUS_OF: dict[type[errors.ServingError], grpc.StatusCode] = {
 }
 
 _DTYPE_NAMES = {pb.UINT8: "uint8", pb.FLOAT32: "float32"}
+MAX_DETAILS = 1024  # characters of an error message (grpc clients refuse trailers > 8 KiB)
 
 
 def status_of(exc: errors.ServingError) -> grpc.StatusCode:
@@ -60,6 +61,45 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The client's deadline as a time.monotonic() value (None when it set none)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+class Undecodable:
+    """A request whose bytes are not a valid message of its type. grpc would answer UNKNOWN
+    and log a traceback; the handler answers INVALID_ARGUMENT instead."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Undecodable(f"request is not a valid protobuf message: {exc}")
+
+    return parse
+
+
+class TolerantRegistration:
+    """Stands in for the server in a generated `add_*Servicer_to_server` call so that every
+    method's request deserializer returns Undecodable instead of raising."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # added, wrapped, with the registered handlers below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        wrapped = {
+            method: h._replace(request_deserializer=_tolerant(h.request_deserializer))
+            for method, h in handlers.items()
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),)
+        )
+        self.server.add_registered_method_handlers(service, wrapped)
 
 
 class Gate:
@@ -84,12 +124,16 @@ def rpc(method: str) -> Callable[[Handler], Handler]:
             try:
                 if not self.gate.open:
                     raise errors.Draining("server is draining; retry on another replica")
+                if isinstance(request, Undecodable):
+                    raise errors.InvalidInput(request.reason)
                 return await fn(self, request, context)
             except errors.ServingError as exc:
                 status = status_of(exc)
                 code = status.name
                 self.metrics.rejected.labels(exc.reason).inc()
-                await context.abort(status, str(exc))
+                # Clipped: a message quoting a huge client string would overflow the
+                # client's metadata limit and reach it as RESOURCE_EXHAUSTED instead.
+                await context.abort(status, _clip(str(exc), MAX_DETAILS))
             except asyncio.CancelledError:
                 # The client went away, or its deadline passed while we worked.
                 remaining = context.time_remaining()
@@ -255,9 +299,41 @@ class ClassifierServicer(_Servicer, pb_grpc.ClassifierServicer):
 def _v2_version(text: str) -> int | None:
     if not text:
         return None
-    if not text.isdigit():
-        raise errors.ModelNotFound(f"model version {text!r} is not a version number")
+    # ASCII digits only: str.isdigit() admits "²" and "١", and int() refuses > 4300 digits.
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise errors.ModelNotFound(f"model version {_clip(text)!r} is not a version number")
     return int(text)
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    """A client's string, short enough to quote back in an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def v2_input(request: v2.ModelInferRequest) -> tuple[str, list[int], bytes]:
+    """The one input tensor of a ModelInferRequest as (datatype, shape, little-endian bytes),
+    from raw_input_contents or the typed contents; DataPlane.batch_tensor checks the rest."""
+    if len(request.inputs) != 1:
+        raise errors.InvalidInput(
+            f"expected exactly one input tensor 'images', got {len(request.inputs)}"
+        )
+    t = request.inputs[0]
+    if t.name != "images":
+        raise errors.InvalidInput(f"unknown input {_clip(t.name)!r}; the model takes 'images'")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise errors.InvalidInput("raw_input_contents must hold exactly one tensor")
+        data = request.raw_input_contents[0]
+    elif t.datatype == "UINT8":
+        values = np.asarray(t.contents.uint_contents, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise errors.InvalidInput("UINT8 contents must lie in 0..255")
+        data = values.astype(np.uint8).tobytes()
+    elif t.datatype == "FP32":
+        data = np.asarray(t.contents.fp32_contents, dtype="<f4").tobytes()
+    else:
+        data = b""
+    return t.datatype, list(t.shape), data
 
 
 def _bytes_tensor(strings: list[bytes]) -> bytes:
@@ -303,41 +379,22 @@ class InferenceServicer(_Servicer, v2_grpc.GRPCInferenceServiceServicer):
             outputs=[meta(name=n, datatype="FP32", shape=[-1, k]) for n in self.OUTPUTS],
         )
 
-    def _input_rows(self, request: v2.ModelInferRequest, mv: ModelVersion) -> np.ndarray:
-        if len(request.inputs) != 1:
-            raise errors.InvalidInput(
-                f"expected exactly one input tensor 'images', got {len(request.inputs)}"
-            )
-        t = request.inputs[0]
-        if t.name != "images":
-            raise errors.InvalidInput(f"unknown input {t.name!r}; the model takes 'images'")
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != 1:
-                raise errors.InvalidInput("raw_input_contents must hold exactly one tensor")
-            data = request.raw_input_contents[0]
-        elif t.datatype == "UINT8":
-            values = np.asarray(t.contents.uint_contents, dtype=np.int64)
-            if values.size and (values.min() < 0 or values.max() > 255):
-                raise errors.InvalidInput("UINT8 contents must lie in 0..255")
-            data = values.astype(np.uint8).tobytes()
-        elif t.datatype == "FP32":
-            data = np.asarray(t.contents.fp32_contents, dtype="<f4").tobytes()
-        else:
-            data = b""
-        return self.plane.batch_tensor(mv, t.datatype, t.shape, data)
-
     @rpc("ModelInfer")
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: Any
     ) -> v2.ModelInferResponse:
         mv = self.plane.model(request.model_name, _v2_version(request.model_version))
-        rows = self._input_rows(request, mv)
+        rows = self.plane.batch_tensor(mv.spec, *v2_input(request))
         wanted = [(o.name, o.parameters) for o in request.outputs] or [
             (n, {}) for n in self.OUTPUTS
         ]
-        for name, _ in wanted:
+        for name, params in wanted:
             if name not in self.OUTPUTS:
-                raise errors.InvalidInput(f"unknown output {name!r}; have {list(self.OUTPUTS)}")
+                raise errors.InvalidInput(
+                    f"unknown output {_clip(name)!r}; have {list(self.OUTPUTS)}"
+                )
+            if "classification" in params and params["classification"].int64_param < 0:
+                raise errors.InvalidInput(f"output {name!r}: classification must be >= 0")
         out = await mv.infer(rows, deadline_of(context))
         resp = v2.ModelInferResponse(
             model_name=mv.name, model_version=str(mv.version), id=request.id

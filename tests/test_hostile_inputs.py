@@ -1,0 +1,396 @@
+"""Hostile requests against one real `cnn-serve` process: hypothesis writes the messages.
+
+Every RPC of both wire APIs (convserve.v1.Classifier, KServe V2 GRPCInferenceService) gets
+random shapes, dtypes, byte lengths, counts, option values, model names and versions (unicode,
+huge) and random bytes as images. The properties, checked after every example:
+
+- a client's mistake is answered with one of CLIENT_MISTAKE's codes, never INTERNAL or
+  UNKNOWN: INVALID_ARGUMENT for a malformed request (image, tensor, option), NOT_FOUND for a
+  model or version that is not served, RESOURCE_EXHAUSTED for a message over
+  --max-message-bytes;
+- the next good request gets the right answer;
+- at the end the process is alive and health says SERVING.
+
+Examples are derandomized so CI sees the same ones every run. HOSTILE_EXAMPLES=2000 runs that
+many per test with a fresh random seed each run (hypothesis prints the failing example).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from serving.proto.convserve.v1 import classifier_pb2 as pb
+from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from serving.proto.inference import grpc_predict_v2_pb2 as v2
+from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from tests.serving_helpers import running_server
+from tests.tiny_models import DEFAULT_LABELS, image_of_class, write_version
+
+OK = grpc.StatusCode.OK
+CLIENT_MISTAKE = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+SHAPES = {"gray": (1, 8, 8), "rgb": (3, 8, 8)}
+MAX_MESSAGE = 1_000_000
+MAX_IMAGES = 16
+
+_RUNS = int(os.environ.get("HOSTILE_EXAMPLES", "0"))
+HOSTILE = settings(
+    max_examples=_RUNS or 60,
+    derandomize=not _RUNS,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("hostile-repo")
+    for name, shape in SHAPES.items():
+        write_version(repo, name, 1, shape=shape)
+    tmp = tmp_path_factory.mktemp("hostile-server")
+    with running_server(
+        repo,
+        tmp,
+        "--max-message-bytes",
+        str(MAX_MESSAGE),
+        "--max-images-per-request",
+        str(MAX_IMAGES),
+        "--max-batch-size",
+        "16",
+    ) as s:
+        yield s
+        assert s.proc.poll() is None, s.log()
+        health = health_pb2_grpc.HealthStub(s.channel())
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        assert "Traceback" not in s.log(), s.log()
+
+
+@pytest.fixture(scope="module")
+def stubs(server):
+    channel = grpc.insecure_channel(server.target)
+    yield pb_grpc.ClassifierStub(channel), v2_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+# ----------------------------------------------------------------------------- strategies
+def _huge(alphabet: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    # Hypothesis draws long text slowly; a repeated short piece is as hostile and cheap.
+    return st.builds(lambda s, n: s * n, alphabet, st.integers(1, 200_000))
+
+
+NAMES = st.one_of(
+    st.sampled_from(["", "gray", "rgb", "GRAY", "gray ", "gray\0", "../gray", "rgb/1"]),
+    st.text(max_size=40),
+    _huge(st.text(min_size=1, max_size=3)),
+)
+VERSIONS = st.one_of(st.sampled_from([0, 1, 2, -1]), st.integers(-(2**63), 2**63 - 1))
+V2_VERSIONS = st.one_of(
+    st.sampled_from(["", "1", "01", "2", "-1", "1.0", " 1", "²", "١", "１", "9" * 5000]),
+    st.text(max_size=20),
+    st.integers(-(2**70), 2**70).map(str),
+)
+INT32 = st.one_of(st.integers(-3, 20), st.integers(-(2**31), 2**31 - 1))
+DIM = st.one_of(st.sampled_from([0, 1, 3, 8]), st.integers(-(2**63), 2**63 - 1))
+
+
+@st.composite
+def encoded_images(draw: st.DrawFn) -> bytes:
+    """A real encoded image of a random mode, format and size, maybe truncated or corrupted."""
+    mode = draw(st.sampled_from(["1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "I;16", "I"]))
+    fmt = draw(st.sampled_from(["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"]))
+    w, h = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+    seed = draw(st.integers(0, 2**32 - 1))
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+    img = Image.fromarray(pixels, "L").convert(mode if mode not in ("I;16", "I") else "I")
+    if mode == "I;16":
+        img = Image.fromarray(pixels.astype(np.uint16) * 257)  # mode I;16
+    buf = io.BytesIO()
+    try:
+        img.save(buf, format=fmt)
+    except (OSError, ValueError, KeyError):
+        img.convert("RGB").save(buf, format=fmt)
+    data = buf.getvalue()
+    cut = draw(st.sampled_from(["whole", "truncated", "flipped"]))
+    if cut == "truncated":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif cut == "flipped":
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1 :]
+    return data
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG that declares width x height (a decompression bomb when large)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 4096)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+ENCODED = st.one_of(
+    st.binary(max_size=2048),
+    encoded_images(),
+    st.builds(png_header, st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)),
+    st.builds(lambda n: b"\0" * n, st.integers(MAX_MESSAGE - 64, MAX_MESSAGE + 64)),
+)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> pb.Tensor:
+    dtype = draw(st.one_of(st.sampled_from([0, pb.UINT8, pb.FLOAT32]), st.integers(3, 2**31 - 1)))
+    shape = draw(st.one_of(st.sampled_from([[1, 8, 8], [3, 8, 8], [8, 8]]), st.lists(DIM)))
+    itemsize = 4 if dtype == pb.FLOAT32 else 1
+    right = itemsize * int(np.prod([d for d in shape if 0 < d < 64] or [0]))
+    size = draw(st.one_of(st.just(right), st.integers(0, 4096)))
+    if dtype == pb.FLOAT32 and draw(st.booleans()):
+        value = draw(st.floats(allow_nan=True, allow_infinity=True, width=32))
+        data = np.full(size // 4, value, "<f4").tobytes()
+    else:
+        data = draw(st.binary(min_size=size, max_size=size))
+    return pb.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+IMAGES = st.one_of(
+    st.builds(lambda b: pb.Image(encoded=b), ENCODED),
+    st.builds(lambda t: pb.Image(tensor=t), tensors()),
+    st.just(pb.Image()),
+)
+GOOD_IMAGE = pb.Image(
+    tensor=pb.Tensor(dtype=pb.UINT8, shape=[1, 8, 8], data=image_of_class(1).tobytes())
+)
+PREDICT = st.builds(
+    pb.PredictRequest,
+    model=NAMES,
+    version=VERSIONS,
+    images=st.one_of(
+        st.lists(IMAGES, max_size=3),
+        st.integers(MAX_IMAGES + 1, 3 * MAX_IMAGES).map(lambda n: [GOOD_IMAGE] * n),
+    ),
+    top_k=INT32,
+    request_id=st.text(max_size=20),
+)
+EXPLAIN = st.builds(
+    pb.ExplainRequest,
+    model=NAMES,
+    version=VERSIONS,
+    image=IMAGES,
+    patch_size=INT32,
+    stride=INT32,
+    target_class=INT32,
+    has_target_class=st.booleans(),
+    render_png=st.booleans(),
+    activation_stage=st.one_of(st.just(""), st.text(max_size=10), _huge(st.text(max_size=2))),
+)
+V2_DATATYPES = st.one_of(
+    st.sampled_from(["UINT8", "FP32", "INT64", "BYTES", "BOOL", "FP16", "uint8", ""]),
+    st.text(max_size=10),
+)
+
+
+@st.composite
+def v2_tensor(draw: st.DrawFn) -> v2.ModelInferRequest.InferInputTensor:
+    t = v2.ModelInferRequest.InferInputTensor(
+        name=draw(st.one_of(st.just("images"), st.text(max_size=10))),
+        datatype=draw(V2_DATATYPES),
+        shape=draw(st.one_of(st.sampled_from([[1, 1, 8, 8], [2, 3, 8, 8]]), st.lists(DIM))),
+    )
+    which = draw(st.sampled_from(["none", "uint", "fp32", "int64", "bytes"]))
+    n = draw(st.one_of(st.sampled_from([64, 128, 384]), st.integers(0, 1000)))
+    if which == "uint":
+        t.contents.uint_contents.extend(
+            draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n))
+        )
+    elif which == "fp32":
+        f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
+        t.contents.fp32_contents.extend(draw(st.lists(f32, min_size=n, max_size=n)))
+    elif which == "int64":
+        t.contents.int64_contents.extend(
+            draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=8))
+        )
+    elif which == "bytes":
+        t.contents.bytes_contents.extend(draw(st.lists(st.binary(max_size=64), max_size=4)))
+    return t
+
+
+@st.composite
+def v2_infer(draw: st.DrawFn) -> v2.ModelInferRequest:
+    r = v2.ModelInferRequest(
+        model_name=draw(NAMES),
+        model_version=draw(V2_VERSIONS),
+        id=draw(st.text(max_size=10)),
+    )
+    r.inputs.extend(draw(st.lists(v2_tensor(), max_size=3)))
+    raw = st.one_of(st.sampled_from([64, 128, 384, 256, 1536]), st.integers(0, 4096))
+    for size in draw(st.lists(raw, max_size=3)):
+        r.raw_input_contents.append(draw(st.binary(min_size=size, max_size=size)))
+    for _ in range(draw(st.integers(0, 3))):
+        out = r.outputs.add(
+            name=draw(st.one_of(st.sampled_from(["logits", "probabilities"]), st.text(max_size=8)))
+        )
+        param = draw(st.sampled_from(["none", "int64", "string", "bool"]))
+        if param == "int64":
+            out.parameters["classification"].int64_param = draw(st.integers(-(2**63), 2**63 - 1))
+        elif param == "string":
+            out.parameters["classification"].string_param = draw(st.text(max_size=5))
+        elif param == "bool":
+            out.parameters["classification"].bool_param = draw(st.booleans())
+    return r
+
+
+# ----------------------------------------------------------------------------- properties
+def outcome(call, request) -> grpc.StatusCode:
+    try:
+        call(request, timeout=30)
+    except grpc.RpcError as err:
+        assert err.code() in CLIENT_MISTAKE, (err.code(), err.details()[:500])
+        assert err.details(), err.code()
+        return err.code()
+    return OK
+
+
+def good_requests_still_work(stubs) -> None:
+    """The next good request, on each API, gets the answer the tiny model is known to give."""
+    classifier, infer = stubs
+    for k in (1, 3):
+        reply = classifier.Predict(
+            pb.PredictRequest(
+                model="gray",
+                images=[
+                    pb.Image(
+                        tensor=pb.Tensor(
+                            dtype=pb.UINT8, shape=[1, 8, 8], data=image_of_class(k).tobytes()
+                        )
+                    )
+                ],
+            ),
+            timeout=30,
+        )
+        assert reply.predictions[0].classes[0].label == DEFAULT_LABELS[k]
+    r = v2.ModelInferRequest(
+        model_name="rgb", raw_input_contents=[image_of_class(2, (3, 8, 8)).tobytes()]
+    )
+    r.inputs.add(name="images", datatype="UINT8", shape=[1, 3, 8, 8])
+    probs = np.frombuffer(infer.ModelInfer(r, timeout=30).raw_output_contents[1], "<f4")
+    assert probs.argmax() == 2
+
+
+@HOSTILE
+@given(request=PREDICT)
+def test_predict_answers_hostile_requests_with_a_client_error_and_keeps_serving(stubs, request):
+    outcome(stubs[0].Predict, request)
+    good_requests_still_work(stubs)
+
+
+@HOSTILE
+@given(requests=st.lists(PREDICT, min_size=1, max_size=4))
+def test_predict_stream_answers_hostile_requests_with_a_client_error(stubs, requests):
+    try:
+        replies = list(stubs[0].PredictStream(iter(requests), timeout=30))
+    except grpc.RpcError as err:
+        assert err.code() in CLIENT_MISTAKE, (err.code(), err.details()[:500])
+    else:
+        assert len(replies) == len(requests)
+    good_requests_still_work(stubs)
+
+
+@HOSTILE
+@given(request=EXPLAIN)
+def test_explain_answers_hostile_requests_with_a_client_error(stubs, request):
+    outcome(stubs[0].Explain, request)
+    good_requests_still_work(stubs)
+
+
+def served(name: str, version: int | str) -> bool:
+    """Whether a request naming this model and version should find it (two models served)."""
+    if isinstance(version, str):  # V2: a decimal string, "" for the latest
+        return name in SHAPES and version.isascii() and version.lstrip("0") in ("", "1")
+    return name in SHAPES and version in (0, 1)
+
+
+def lookup_code(request, found: bool) -> grpc.StatusCode:
+    """What a model lookup must answer: found, not found, or the message is over the limit."""
+    if request.ByteSize() > MAX_MESSAGE:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return OK if found else grpc.StatusCode.NOT_FOUND
+
+
+@HOSTILE
+@given(model=NAMES, version=VERSIONS, v2_name=NAMES, v2_version=V2_VERSIONS)
+def test_metadata_rpcs_answer_unknown_and_hostile_names_with_not_found(
+    stubs, model, version, v2_name, v2_version
+):
+    classifier, infer = stubs
+    request = pb.ModelInfoRequest(model=model, version=version)
+    assert outcome(classifier.GetModelInfo, request) == lookup_code(request, served(model, version))
+    v2_found = served(v2_name, v2_version)
+    request = v2.ModelMetadataRequest(name=v2_name, version=v2_version)
+    assert outcome(infer.ModelMetadata, request) == lookup_code(request, v2_found)
+    request = v2.ModelReadyRequest(name=v2_name, version=v2_version)
+    if request.ByteSize() <= MAX_MESSAGE:
+        assert infer.ModelReady(request, timeout=30).ready == v2_found
+    good_requests_still_work(stubs)
+
+
+@HOSTILE
+@given(request=v2_infer())
+def test_v2_model_infer_answers_hostile_requests_with_a_client_error(stubs, request):
+    outcome(stubs[1].ModelInfer, request)
+    good_requests_still_work(stubs)
+
+
+UNARY_METHODS = [
+    "/convserve.v1.Classifier/Predict",
+    "/convserve.v1.Classifier/Explain",
+    "/convserve.v1.Classifier/GetModelInfo",
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelMetadata",
+    "/inference.GRPCInferenceService/ModelReady",
+    "/inference.GRPCInferenceService/ServerMetadata",
+]
+
+
+@HOSTILE
+@given(method=st.sampled_from(UNARY_METHODS), data=st.binary(max_size=256))
+def test_bytes_that_are_not_a_request_message_get_invalid_argument(server, stubs, method, data):
+    # grpc alone would answer UNKNOWN (and log a traceback) for an undecodable message.
+    with grpc.insecure_channel(server.target) as channel:
+        outcome(channel.unary_unary(method), data)
+        stream = channel.stream_stream("/convserve.v1.Classifier/PredictStream")
+        try:
+            list(stream(iter([data]), timeout=30))
+        except grpc.RpcError as err:
+            assert err.code() in CLIENT_MISTAKE, (err.code(), err.details()[:500])
+    good_requests_still_work(stubs)
+
+
+def test_a_decompression_bomb_is_refused_with_a_clear_invalid_argument(stubs):
+    bomb = png_header(30_000, 30_000)
+    assert len(bomb) < 200
+    for model in SHAPES:
+        request = pb.PredictRequest(model=model, images=[pb.Image(encoded=bomb)])
+        with pytest.raises(grpc.RpcError) as err:
+            stubs[0].Predict(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "image 0: image refused as a decompression bomb" in err.value.details()
+    good_requests_still_work(stubs)
