@@ -73,9 +73,8 @@ def _forward(workers: list[subprocess.Popen], sig: signal.Signals) -> None:
 
 def run_workers(config: ServerConfig) -> int:
     """The parent process of a multi-worker server."""
-    mp_dir = Path(
-        os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="convserve-prom-")
-    )
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    mp_dir = Path(given or tempfile.mkdtemp(prefix="convserve-prom-"))
     shutil.rmtree(mp_dir, ignore_errors=True)
     mp_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp_dir)
@@ -119,4 +118,6 @@ def run_workers(config: ServerConfig) -> int:
                 rc = w.wait()
             multiprocess.mark_process_dead(w.pid, str(mp_dir))
             code = code or (rc if rc and rc > 0 else 0)
+    if not given:  # ours: remove it (a folder the operator named is theirs to keep)
+        shutil.rmtree(mp_dir, ignore_errors=True)
     return code
