@@ -197,6 +197,9 @@ class Access:
             self.tokens.reload()
 
 
+PENDING_CALLS_LIMIT = 20_000  # ~20-80 MB of typical requests (1-4 KB) waiting in grpc
+
+
 def grpc_options(config: ServerConfig) -> list[tuple[str, int | str]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -204,6 +207,14 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int | str]]:
         # A stale server on the same port must not silently take our traffic; only
         # workers of one server share a port (the parent reserves it).
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+        # Calls that reached grpc but not yet our handlers (the event loop is behind). Past
+        # grpc's defaults (1000 soft, 3000 hard) grpc sheds them with CANCELLED, which
+        # clients take for their own cancellation and retry (serving.client does); under
+        # `make overload` that was a third of all answers. Below this limit the excess gets
+        # the batcher's RESOURCE_EXHAUSTED or its deadline's DEADLINE_EXCEEDED; the limit
+        # only caps memory. Cost measured in RELIABILITY.md (less goodput under overload).
+        ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
         *_connection_age_options(config),
     ]
 

@@ -469,11 +469,13 @@ def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_reposito
                 replace(w, start=c * w.ok).send(pb_grpc.ClassifierStub(ch))
         expected = {k: n * channels for k, n in w.requests.items() if n}
         images = Workload(ok=channels * w.ok).images
+        probes = 0  # one-image Predicts sent after the kill (each on a fresh connection)
 
         def check_totals(text: str) -> None:
-            assert requests_by_method_code(text) == expected
-            assert metric_value(text, "convserve_inference_items_total") == images
-            assert metric_value(text, "convserve_batch_size_sum") == images
+            want = {**expected, ("Predict", "OK"): expected[("Predict", "OK")] + probes}
+            assert requests_by_method_code(text) == want
+            assert metric_value(text, "convserve_inference_items_total") == images + probes
+            assert metric_value(text, "convserve_batch_size_sum") == images + probes
             assert metric_value(text, "convserve_rejected_requests_total") == w.invalid * channels
             assert metric_value(text, "convserve_models_loaded") == 1  # livemax, not a sum
 
@@ -490,8 +492,25 @@ def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_reposito
         os.kill(victim, signal.SIGKILL)
         gone = lambda: str(victim) not in worker_pids(s.metrics(), rss)  # noqa: E731
         wait_for("the dead worker's live gauges to go", gone, timeout=10)
+        assert not list(mp_dir.glob(f"gauge_live*_{victim}.db"))  # its live-gauge files too
+        assert list(mp_dir.glob(f"counter_{victim}.db"))  # but not its counters
         check_totals(s.metrics())  # its counters stay in the totals
-        wait_for("a replacement worker", lambda: two_ready_workers(without=victim), timeout=30)
+
+        def probe() -> None:  # the port answers: a fresh connection, one image, OK
+            nonlocal probes
+            with new_channel(s.target) as ch:
+                Workload(ok=1, invalid=0, not_found=0, model_info=0).send(
+                    pb_grpc.ClassifierStub(ch)
+                )
+            probes += 1
+
+        restart_by = time.monotonic() + 30
+        while not two_ready_workers(without=victim):  # while the replacement loads
+            assert time.monotonic() < restart_by, "no replacement worker after 30 s"
+            probe()
+        assert probes >= 1, "the replacement was ready before the port could be probed"
+        for _ in range(channels):  # and after, across both workers
+            probe()
         text = s.metrics()
         check_totals(text)
         assert metric_value(text, "convserve_model_loads_total") == 3  # 2 workers + 1 restart
