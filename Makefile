@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto data demo test lint format bench bench-train bench-export bench-explain bench-serving bench-metrics clean
+.PHONY: install proto data demo test fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-metrics clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ $(CHECKOV_VENV)/.installed:
 
 test: install data $(TRITON_VENV)/.installed $(CHECKOV_VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
+
+FUZZ_SECONDS ?= 120
+
+# Coverage-guided fuzzing (atheris) of image decoding and V2 tensor parsing, FUZZ_SECONDS per
+# target; figures in runs/fuzz/fuzz.json, crashing inputs in runs/fuzz/artifacts/. Not in `test`.
+fuzz: install  ## fuzz the codec and V2 tensor parsing for FUZZ_SECONDS each; writes runs/fuzz/fuzz.json
+	$(PIP) install -q 'atheris>=3.0'  # the fuzz extra, without reinstalling convserve
+	$(PY) scripts/fuzz.py --seconds $(FUZZ_SECONDS) --out runs/fuzz/fuzz.json
 
 lint: install
 	$(VENV)/bin/ruff check .

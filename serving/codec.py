@@ -53,13 +53,21 @@ class InputSpec:
         return self.channels * self.height * self.width
 
 
+class NeedsThread(Exception):
+    """The image declares more pixels than the caller will decode on its own thread (not the
+    client's fault: decode it elsewhere)."""
+
+
 def max_pixels(spec: InputSpec) -> int:
     """The most pixels an encoded image for this model may declare."""
     return max(MAX_IMAGE_PIXELS, 4 * spec.height * spec.width)
 
 
-def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
-    """Encoded image bytes -> (C, H, W) uint8 for `spec`."""
+def decode_image(data: bytes, spec: InputSpec, inline_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> (C, H, W) uint8 for `spec`.
+
+    inline_pixels: raise NeedsThread, from the header alone, for an image declaring more.
+    """
     if not data:
         raise InvalidInput("image is empty (0 bytes)")
     limit = max_pixels(spec)
@@ -73,9 +81,9 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
             if w < 1 or h < 1:
                 raise InvalidInput(f"image has zero size ({w}x{h})")
             if w * h > limit:
-                raise InvalidInput(
-                    f"image is {w}x{h} = {w * h} pixels, over the limit of {limit}"
-                )
+                raise InvalidInput(f"image is {w}x{h} = {w * h} pixels, over the limit of {limit}")
+            if inline_pixels is not None and w * h > inline_pixels:
+                raise NeedsThread(f"{w}x{h}")
             img.seek(0)  # animated images: the first frame
             img = ImageOps.exif_transpose(img)
             img = _to_channels(img, spec.channels)

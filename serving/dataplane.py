@@ -15,12 +15,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving import occlusion
-from serving.codec import InputSpec, decode_image, float_to_uint8, tensor_to_image, top_k
+from serving.codec import (
+    InputSpec,
+    NeedsThread,
+    decode_image,
+    float_to_uint8,
+    tensor_to_image,
+    top_k,
+)
 from serving.errors import InvalidInput
 from serving.repository import ModelRepository, ModelVersion
 
 # Decoding this many encoded bytes inline would stall the event loop; hand it to a thread.
 INLINE_DECODE_BYTES = 256 * 1024
+# So would decoding an image that declares this many pixels, however small its file: a 62 KB
+# RGBA PNG can declare 16 M pixels and take most of a second to decode.
+INLINE_DECODE_PIXELS = 512 * 512
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,11 @@ class DataPlane:
             raise InvalidInput(f"top_k must be >= 0, got {k}")
         return min(k or 1, mv.num_classes)
 
-    def decode(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
-        """Every image of a request -> one (N, C, H, W) uint8 array, or InvalidInput."""
+    def decode(
+        self, images: Sequence[ImageInput], mv: ModelVersion, inline_pixels: int | None = None
+    ) -> np.ndarray:
+        """Every image of a request -> one (N, C, H, W) uint8 array, or InvalidInput (or
+        NeedsThread for an image declaring more than `inline_pixels`)."""
         n = len(images)
         if n == 0:
             raise InvalidInput("request has no images")
@@ -94,22 +107,33 @@ class DataPlane:
                 if isinstance(img, RawTensor):
                     out[i] = tensor_to_image(img.dtype, img.shape, img.data, mv.spec)
                 else:
-                    out[i] = decode_image(img.data, mv.spec)
+                    out[i] = decode_image(img.data, mv.spec, inline_pixels)
             except InvalidInput as exc:
                 raise InvalidInput(f"image {i}: {exc}") from None
         return out
 
-    def decodes_inline(self, images: Sequence[ImageInput]) -> bool:
-        """Whether `decode_async` will decode on the event loop (small payloads)."""
-        encoded = sum(len(i.data) for i in images if isinstance(i, EncodedImage))
-        return encoded < INLINE_DECODE_BYTES or self.decode_executor is None
-
-    async def decode_async(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
-        """`decode`, moved off the event loop when the encoded payload is large."""
-        if self.decodes_inline(images):
+    def decode_inline(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray | None:
+        """`decode` on the calling thread (the event loop) when that is cheap: few encoded
+        bytes declaring few pixels. None: the decode belongs on the decode executor."""
+        if self.decode_executor is None:
             return self.decode(images, mv)
+        encoded = sum(len(i.data) for i in images if isinstance(i, EncodedImage))
+        if encoded >= INLINE_DECODE_BYTES:
+            return None
+        try:
+            return self.decode(images, mv, INLINE_DECODE_PIXELS)
+        except NeedsThread:
+            return None
+
+    async def decode_in_thread(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
+        """`decode` on the decode executor."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decode_executor, self.decode, images, mv)
+
+    async def decode_async(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
+        """`decode`, inline when `decode_inline` finds that cheap, else on the executor."""
+        rows = self.decode_inline(images, mv)
+        return rows if rows is not None else await self.decode_in_thread(images, mv)
 
     async def classify(
         self, mv: ModelVersion, rows: np.ndarray, k: int, deadline: float | None

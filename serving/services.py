@@ -47,7 +47,9 @@ STATUS_OF: dict[type[errors.ServingError], grpc.StatusCode] = {
 }
 
 _DTYPE_NAMES = {pb.UINT8: "uint8", pb.FLOAT32: "float32"}
-MAX_DETAILS = 1024  # characters of an error message (grpc clients refuse trailers > 8 KiB)
+# UTF-8 bytes of an error message: grpc sends it percent-encoded (up to 3x) in a trailer, and
+# clients refuse trailers over 8 KiB.
+MAX_DETAILS = 1024
 
 
 def status_of(exc: errors.ServingError) -> grpc.StatusCode:
@@ -133,7 +135,7 @@ def rpc(method: str) -> Callable[[Handler], Handler]:
                 self.metrics.rejected.labels(exc.reason).inc()
                 # Clipped: a message quoting a huge client string would overflow the
                 # client's metadata limit and reach it as RESOURCE_EXHAUSTED instead.
-                await context.abort(status, _clip(str(exc), MAX_DETAILS))
+                await context.abort(status, _clip_utf8(str(exc), MAX_DETAILS))
             except asyncio.CancelledError:
                 # The client went away, or its deadline passed while we worked.
                 remaining = context.time_remaining()
@@ -192,10 +194,9 @@ class ClassifierServicer(_Servicer, pb_grpc.ClassifierServicer):
         mv = self.plane.model(request.model, request.version)
         k = self.plane.check_top_k(request.top_k, mv)
         images = _image_inputs(request.images)
-        if self.plane.decodes_inline(images):
-            rows = self.plane.decode(images, mv)
-        else:
-            rows = await self.plane.decode_async(images, mv)
+        rows = self.plane.decode_inline(images, mv)
+        if rows is None:
+            rows = await self.plane.decode_in_thread(images, mv)
             # The decode awaited a thread: a hot swap may have happened meanwhile, so
             # resolve the model again (and re-decode in the rare case its input changed).
             latest = self.plane.model(request.model, request.version)
@@ -308,6 +309,14 @@ def _v2_version(text: str) -> int | None:
 def _clip(text: str, limit: int = 64) -> str:
     """A client's string, short enough to quote back in an error message."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    """`text` cut to at most about `limit` UTF-8 bytes, saying so."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode(errors="ignore") + f"... ({len(raw)} bytes)"
 
 
 def v2_input(request: v2.ModelInferRequest) -> tuple[str, list[int], bytes]:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.codec import MAX_IMAGE_PIXELS, InputSpec, decode_image, max_pixels
+from serving.codec import MAX_IMAGE_PIXELS, InputSpec, NeedsThread, decode_image, max_pixels
 from serving.errors import InvalidInput
 
 GREY = InputSpec(1, 28, 28)
@@ -71,6 +71,14 @@ def test_the_pixel_limit_grows_with_a_large_model_input():
     assert max_pixels(big) == 4 * 4096 * 4096
     # Within a large model's limit, the same header gets as far as decoding (and is truncated).
     assert "truncated" in refused(png_declaring(5000, 4000), big)
+
+
+def test_an_image_declaring_more_than_inline_pixels_asks_for_a_thread_from_its_header():
+    # The stub pixel data would fail as truncated if decoding had started.
+    with pytest.raises(NeedsThread):
+        decode_image(png_declaring(2000, 2000), GREY, inline_pixels=512 * 512)
+    with pytest.raises(InvalidInput, match="truncated"):  # under the bound: decoded here
+        decode_image(png_declaring(500, 500), GREY, inline_pixels=512 * 512)
 
 
 # ----------------------------------------------------------------------------- broken files
