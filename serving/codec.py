@@ -6,8 +6,9 @@ tensors are checked for dtype, shape, byte length and (for float32) finite value
 Everything here raises InvalidInput with a message naming the problem.
 
 What a hostile or unusual image gets (each is tested in tests/test_codec_edge_cases.py):
-- more pixels than `max_pixels(spec)` (a decompression bomb): refused from the header alone,
-  before any pixel is decoded;
+- more pixels than `max_pixels(spec)` (a decompression bomb), or a request whose images
+  together declare more than 4x that: refused from the headers alone, before any pixel is
+  decoded;
 - truncated data: refused ("image file is truncated"), never half-decoded;
 - animated GIF/WebP/PNG: the first frame;
 - transparency (RGBA, LA, a palette or grey/RGB image with tRNS): composited onto black,
@@ -32,6 +33,7 @@ from serving.errors import InvalidInput
 # 16 MP admits any phone photo and bounds one decode to ~64 MB and well under a second; a
 # model whose own input is larger still accepts images of 4x its input size.
 MAX_IMAGE_PIXELS = 16_000_000
+REQUEST_PIXEL_FACTOR = 4  # a request's images together: 4x one image's limit
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "MPO"})
 
 
@@ -63,10 +65,31 @@ def max_pixels(spec: InputSpec) -> int:
     return max(MAX_IMAGE_PIXELS, 4 * spec.height * spec.width)
 
 
-def decode_image(data: bytes, spec: InputSpec, inline_pixels: int | None = None) -> np.ndarray:
+class PixelBudget:
+    """The pixels a request's images may declare together: 256 images at the per-image limit
+    in one message would be minutes of decoding."""
+
+    def __init__(self, spec: InputSpec):
+        self.total = self.left = REQUEST_PIXEL_FACTOR * max_pixels(spec)
+
+    def spend(self, pixels: int) -> None:
+        if pixels > self.left:
+            raise InvalidInput(
+                f"the request's images declare more than {self.total} pixels together"
+            )
+        self.left -= pixels
+
+
+def decode_image(
+    data: bytes,
+    spec: InputSpec,
+    inline_pixels: int | None = None,
+    budget: PixelBudget | None = None,
+) -> np.ndarray:
     """Encoded image bytes -> (C, H, W) uint8 for `spec`.
 
     inline_pixels: raise NeedsThread, from the header alone, for an image declaring more.
+    budget: the request's pixel budget, which this image's declared size is taken from.
     """
     if not data:
         raise InvalidInput("image is empty (0 bytes)")
@@ -82,6 +105,8 @@ def decode_image(data: bytes, spec: InputSpec, inline_pixels: int | None = None)
                 raise InvalidInput(f"image has zero size ({w}x{h})")
             if w * h > limit:
                 raise InvalidInput(f"image is {w}x{h} = {w * h} pixels, over the limit of {limit}")
+            if budget is not None:
+                budget.spend(w * h)
             if inline_pixels is not None and w * h > inline_pixels:
                 raise NeedsThread(f"{w}x{h}")
             img.seek(0)  # animated images: the first frame

@@ -18,6 +18,7 @@ from serving import occlusion
 from serving.codec import (
     InputSpec,
     NeedsThread,
+    PixelBudget,
     decode_image,
     float_to_uint8,
     tensor_to_image,
@@ -102,12 +103,13 @@ class DataPlane:
                 f"request has {n} images; the limit is {self.limits.max_images_per_request}"
             )
         out = np.empty((n, *mv.spec.shape), dtype=np.uint8)
+        budget = PixelBudget(mv.spec)
         for i, img in enumerate(images):
             try:
                 if isinstance(img, RawTensor):
                     out[i] = tensor_to_image(img.dtype, img.shape, img.data, mv.spec)
                 else:
-                    out[i] = decode_image(img.data, mv.spec, inline_pixels)
+                    out[i] = decode_image(img.data, mv.spec, inline_pixels, budget)
             except InvalidInput as exc:
                 raise InvalidInput(f"image {i}: {exc}") from None
         return out

@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.codec import MAX_IMAGE_PIXELS, InputSpec, NeedsThread, decode_image, max_pixels
+from serving.codec import (
+    MAX_IMAGE_PIXELS,
+    InputSpec,
+    NeedsThread,
+    PixelBudget,
+    decode_image,
+    max_pixels,
+)
 from serving.errors import InvalidInput
 
 GREY = InputSpec(1, 28, 28)
@@ -71,6 +78,16 @@ def test_the_pixel_limit_grows_with_a_large_model_input():
     assert max_pixels(big) == 4 * 4096 * 4096
     # Within a large model's limit, the same header gets as far as decoding (and is truncated).
     assert "truncated" in refused(png_declaring(5000, 4000), big)
+
+
+def test_a_requests_images_share_a_pixel_budget_of_four_times_the_image_limit():
+    budget = PixelBudget(GREY)
+    assert budget.total == 4 * MAX_IMAGE_PIXELS
+    for _ in range(4):  # each within the budget: decoded (and found truncated)
+        with pytest.raises(InvalidInput, match="truncated"):
+            decode_image(png_declaring(4000, 4000), GREY, budget=budget)
+    with pytest.raises(InvalidInput, match="declare more than 64000000 pixels together"):
+        decode_image(png_declaring(4000, 4000), GREY, budget=budget)
 
 
 def test_an_image_declaring_more_than_inline_pixels_asks_for_a_thread_from_its_header():

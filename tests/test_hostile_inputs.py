@@ -422,7 +422,8 @@ def test_a_decompression_bomb_is_refused_with_a_clear_invalid_argument(stubs):
 
 def flat_png(level: int, side: int, mode: str = "RGBA") -> bytes:
     buf = io.BytesIO()
-    Image.new(mode, (side, side), (level,) * 3 + (255,) * (mode == "RGBA")).save(buf, "PNG")
+    colour = level if mode == "L" else (level, level, level, 255)
+    Image.new(mode, (side, side), colour).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -457,3 +458,30 @@ def test_a_large_image_in_a_small_file_is_classified_right(stubs):
     request = pb.PredictRequest(model="gray", images=[pb.Image(encoded=flat_png(170, 3000))])
     reply = stubs[0].Predict(request, timeout=60)
     assert reply.predictions[0].classes[0].label == DEFAULT_LABELS[2]
+
+
+def test_a_v2_output_requested_more_than_once_is_refused(stubs):
+    # Each copy would be computed and serialized: a 1 MB request naming "logits" 30,000 times
+    # cost seconds of the event loop before it failed on the response size.
+    request = v2.ModelInferRequest(
+        model_name="gray", raw_input_contents=[image_of_class(1).tobytes()]
+    )
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, 1, 8, 8])
+    for _ in range(3):
+        request.outputs.add(name="logits")
+    with pytest.raises(grpc.RpcError) as err:
+        stubs[1].ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than once" in err.value.details()
+    good_requests_still_work(stubs)
+
+
+def test_images_declaring_too_many_pixels_together_are_refused(stubs):
+    # Five 15 KB files of 16 M pixels each: 256 of them in one message would be minutes of
+    # decoding; together they may declare 4x the one-image limit.
+    images = [pb.Image(encoded=flat_png(85, 4000, "L"))] * 5
+    with pytest.raises(grpc.RpcError) as err:
+        stubs[0].Predict(pb.PredictRequest(model="gray", images=images), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image 4: the request's images declare more than" in err.value.details()
+    good_requests_still_work(stubs)
