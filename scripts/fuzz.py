@@ -143,6 +143,13 @@ def _seeds(name: str) -> dict[str, bytes]:
         "anim.webp": enc(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
         "rgb.bmp": enc(grey.convert("RGB"), "BMP"),
         "apng.png": enc(frames[0], "PNG", save_all=True, append_images=frames[1:]),
+        "grey-trns.png": enc(grey, "PNG", transparency=7),
+        "la.png": enc(grey.convert("LA"), "PNG"),
+        "bilevel.png": enc(grey.convert("1"), "PNG"),
+        "progressive.jpg": enc(grey.convert("RGB"), "JPEG", progressive=True),
+        "rgba.webp": enc(grey.convert("RGBA"), "WEBP"),
+        "palette.bmp": enc(pal, "BMP"),
+        "trns.gif": enc(pal, "GIF", transparency=0),
     }
 
 
@@ -155,7 +162,7 @@ def fuzz(name: str, seconds: float, workdir: Path) -> dict[str, object]:
     for fname, data in _seeds(name).items():
         (corpus / fname).write_bytes(data)
     before = set(artifacts.iterdir())
-    executions, runs = 0, 0
+    executions, runs, coverage, peak_rss = 0, 0, 0, 0
     start = time.monotonic()
     while (left := seconds - (time.monotonic() - start)) > 1:
         proc = subprocess.run(
@@ -171,6 +178,9 @@ def fuzz(name: str, seconds: float, workdir: Path) -> dict[str, object]:
         done = re.findall(r"Done (\d+) runs", proc.stderr)
         execs = re.findall(r"#(\d+)\s", proc.stderr)
         executions += int((stats or done or execs or ["0"])[-1])
+        coverage = max([coverage, *map(int, re.findall(r"\scov: (\d+)", proc.stderr))])
+        rss = re.findall(r"stat::peak_rss_mb:\s*(\d+)", proc.stderr)
+        peak_rss = max([peak_rss, *map(int, rss)])
         if proc.returncode == 0:
             break
     crashes = sorted(str(p) for p in set(artifacts.iterdir()) - before)
@@ -181,6 +191,8 @@ def fuzz(name: str, seconds: float, workdir: Path) -> dict[str, object]:
         "crashes": len(crashes),
         "crash_files": crashes,
         "corpus_size": len(list(corpus.iterdir())),
+        "coverage_edges": coverage,  # libFuzzer's cov: of instrumented Python (PIL, serving)
+        "peak_rss_mb": peak_rss,
         "libfuzzer_runs": runs,
     }
 
