@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto data demo test fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-metrics clean
+.PHONY: install proto data demo test fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-metrics bench-arena overload soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -94,6 +94,21 @@ bench-serving: install data $(TRITON_BENCH_VENV)/.installed $(VENV)/bin/py-spy  
 bench-metrics: install data  ## what metrics cost: server with and without them, interleaved A/B under h2load; writes bench/results/metrics_cost.json
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/metrics_cost.py --out bench/results/metrics_cost.json $(BENCH_METRICS_ARGS)
+
+SERVED_MODEL := runs/bench-export/models/fashion-mnist/1/model.onnx
+SOAK_SECONDS ?= 600
+
+overload: install data  ## sustainable rate, then several times more: statuses, RSS, recovery; writes bench/results/overload.json
+	test -f $(SERVED_MODEL) || $(MAKE) bench-export
+	$(PY) bench/overload.py --out bench/results/overload.json $(OVERLOAD_ARGS)
+
+soak: install data  ## SOAK_SECONDS (600) at 70% of the sustainable rate: RSS growth, open fds; writes bench/results/soak.json
+	test -f $(SERVED_MODEL) || $(MAKE) bench-export
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) bench/soak.py --out bench/results/soak.json $(SOAK_ARGS)
+
+bench-arena: install data  ## RSS of ONNX Runtime's CPU memory settings on random batch sizes; writes bench/results/arena.json
+	test -f $(SERVED_MODEL) || $(MAKE) bench-export
+	$(PY) bench/arena_rss.py --model $(SERVED_MODEL) --out bench/results/arena.json
 
 bench: bench-train bench-export bench-explain bench-serving bench-metrics
 
