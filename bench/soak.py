@@ -84,7 +84,9 @@ def main() -> int:
     finally:
         rc = s.stop()
 
-    steady = mem.since(started + warmup)[:-1]  # the last sample is taken after the load
+    # After warm-up and before the clients close their connections at the end.
+    until = started + a.seconds - a.sample_every
+    steady = [smp for smp in mem.since(started + warmup) if smp.t < until]
     first, last = steady[0], steady[-1]
     growth = 100 * (last.rss_total - first.rss_total) / first.rss_total
     fds = {
