@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ RSS_LIMIT_MB = 2048
 
 
 # ----------------------------------------------------------------------------- targets
-def _codec_target():
+def _codec_target() -> Callable[[bytes], None]:
     from serving.codec import InputSpec, decode_image
     from serving.errors import InvalidInput
 
@@ -50,7 +51,7 @@ def _codec_target():
     return one_input
 
 
-def _v2_target():
+def _v2_target() -> Callable[[bytes], None]:
     import atheris
 
     from serving.codec import InputSpec

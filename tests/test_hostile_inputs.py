@@ -23,6 +23,8 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -301,14 +303,14 @@ def v2_infer(draw: st.DrawFn) -> v2.ModelInferRequest:
 
 
 # ----------------------------------------------------------------------------- properties
-def outcome(call, request) -> grpc.StatusCode:
+def outcome(call: Callable[..., Any], request: Any) -> grpc.StatusCode:
     """The call's status code, which must be OK or a client-mistake code with a reason
     (`pytest --hypothesis-show-statistics` shows how often each came up)."""
     code, _ = answer(call, request)
     return code
 
 
-def answer(call, request):
+def answer(call: Callable[..., Any], request: Any) -> tuple[grpc.StatusCode, Any]:
     """(status code, reply or None), the code OK or a client-mistake code with a reason."""
     try:
         reply = call(request, timeout=30)
