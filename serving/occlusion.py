@@ -133,8 +133,22 @@ def upsample(heatmap: np.ndarray, g: Grid, height: int, width: int) -> np.ndarra
 
 
 def peak(heatmap: np.ndarray, g: Grid) -> tuple[float, float]:
-    """(x, y) input-pixel centre of the most sensitive patch position."""
-    i, j = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    """(x, y) input-pixel centre of the most sensitive place in the heatmap.
+
+    With overlapping patches (stride < patch) one position alone is noisy: a patch that
+    clips an object's edge can spike while its neighbours, which cover the object, agree
+    on a lower drop. So the map is first averaged over a window of the neighbouring
+    positions whose patches overlap (patch // stride a side, made odd; edges replicated)
+    and the peak is that average's maximum. Without overlap the window is one position
+    and this is the plain argmax.
+    """
+    k = max(1, g.patch // g.stride)
+    k -= 1 - k % 2
+    smooth = heatmap.astype(np.float64)
+    if k > 1:
+        padded = np.pad(smooth, k // 2, mode="edge")
+        smooth = np.lib.stride_tricks.sliding_window_view(padded, (k, k)).mean(axis=(-2, -1))
+    i, j = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
     return j * g.stride + g.patch / 2, i * g.stride + g.patch / 2
 
 

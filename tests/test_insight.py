@@ -41,10 +41,11 @@ SHAPES_FAST = [
     "augment.erase_prob=1.0",
     "augment.erase_max_fraction=0.1",
 ]
-# Measured (patch 5, stride 1, 120 images): 85.8-91.7% over seeds and settings, against
-# 16-19% for a random peak. The issue asks >= 90%; the gap is written down, not hidden by
-# picking the one seed that clears it.
-MIN_PEAK_INSIDE = 0.85
+# Measured (patch 5, stride 1, 120 images) with `peak` taking the maximum of the map averaged
+# over overlapping positions: 91.7-95.0% over four models (this recipe; 6000 images x 6
+# epochs with seeds 1 and 2; 6000 x 15), against 16-19% for a random peak. The raw
+# single-position argmax gave 85.8-91.7% on the same heatmaps.
+MIN_PEAK_INSIDE = 0.90
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -153,6 +154,18 @@ def test_empirical_receptive_field_equals_the_plan_for_every_layer(preset):
 
 
 # ----------------------------------------------------------------------------- occlusion
+def test_the_peak_is_where_overlapping_positions_agree_not_a_lone_spike():
+    g = grid(28, 28, 5, 1)  # 24 x 24 positions, each patch overlapping 4 neighbours a side
+    h = np.zeros((g.rows, g.cols), dtype=np.float32)
+    h[10:16, 10:16] = 0.6  # a region where every covering patch hides the object
+    h[3, 20] = 0.9  # one position that spikes alone
+    assert peak(h, g) == (12 + 2.5, 12 + 2.5)  # the region's middle (first of its maxima)
+    wide = grid(28, 28, 7, 7)  # no overlap: the plain argmax
+    h = np.zeros((wide.rows, wide.cols), dtype=np.float32)
+    h[2, 1] = 1.0
+    assert peak(h, wide) == (7 + 3.5, 14 + 3.5)
+
+
 def test_occlusion_peak_lies_inside_the_object_box(shapes_run, record_property):
     from trainer.export import load_model, resolve_checkpoint
     from trainer.insight import torch_predict
