@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -56,13 +55,12 @@ def refused(data: bytes, spec: InputSpec = GREY) -> str:
 
 # ----------------------------------------------------------------------------- bombs
 @pytest.mark.parametrize("side", [30_000, 65_535])
-def test_a_decompression_bomb_is_refused_from_its_header_cheaply(side):
-    data = png_declaring(side, side)
-    start = time.process_time()
-    message = refused(data)
+def test_a_decompression_bomb_is_refused_from_its_header(side):
+    # ~100 bytes declaring up to 4.3 G pixels; its stub pixel data would fail as truncated
+    # if decoding (gigabytes) had started.
+    message = refused(png_declaring(side, side))
     assert "decompression bomb" in message and f"{MAX_IMAGE_PIXELS}" in message
-    # Decoding 900 M pixels would take seconds of CPU and gigabytes; the header takes none.
-    assert time.process_time() - start < 1.0
+    assert "truncated" not in message
 
 
 def test_an_image_over_the_pixel_limit_is_refused_before_its_pixels_are_decoded():
