@@ -205,20 +205,17 @@ class ClassifierServicer(_Servicer, pb_grpc.ClassifierServicer):
             mv = latest
         result = await self.plane.classify(mv, rows, k, deadline_of(context))
         labels = mv.labels
-        preds = [
-            pb.Prediction(
-                classes=[
-                    pb.ClassScore(index=int(i), label=labels[i], probability=float(p))
-                    for i, p in zip(idx, probs, strict=True)
-                ]
-            )
-            for idx, probs in zip(
-                result.indices.tolist(), result.probabilities.tolist(), strict=True
-            )
-        ]
-        return pb.PredictResponse(
-            model=mv.name, version=mv.version, predictions=preds, request_id=request.request_id
+        response = pb.PredictResponse(
+            model=mv.name, version=mv.version, request_id=request.request_id
         )
+        # Built in place with add(): half the cost of constructing each message and copying
+        # it into its parent (~90 vs ~200 us for 32 images; it is on every request's path).
+        add_prediction = response.predictions.add
+        for idx, probs in zip(result.indices.tolist(), result.probabilities.tolist(), strict=True):
+            add_class = add_prediction().classes.add
+            for i, p in zip(idx, probs, strict=True):
+                add_class(index=i, label=labels[i], probability=p)
+        return response
 
     @rpc("Predict")
     async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
