@@ -649,7 +649,11 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=8.0, help="seconds measured per run")
     p.add_argument("--warmup", type=float, default=1.5, help="seconds of warm-up load per run")
     p.add_argument("--skip-triton", action="store_true")
-    p.add_argument("--only", help="comma-list of system names to run (default: all)")
+    p.add_argument(
+        "--only",
+        action="append",
+        help="a system name to run (repeatable; names hold commas; default: all)",
+    )
     p.add_argument("--profile", choices=["auto", "always", "never"], default="auto")
     args = p.parse_args()
     if h2grpc.available() is None:
@@ -674,7 +678,7 @@ def main() -> int:
     results: list[dict] = []
     python_runs: list[dict] = []
     profile_text = None
-    wanted = set(args.only.split(",")) if args.only else None
+    wanted = set(args.only) if args.only else None
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for system in systems(model, port, mport, args.skip_triton):
