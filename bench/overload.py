@@ -42,7 +42,12 @@ from serving.loadgen import LoadConfig, resolve, run_load  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2 as pb  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
 from tests.process_stats import MIB, Sampler, sample  # noqa: E402
-from tests.serving_helpers import ServerProcess, metric_value, start_server  # noqa: E402
+from tests.serving_helpers import (  # noqa: E402
+    ServerProcess,
+    codes_of,
+    metric_value,
+    start_server,
+)
 
 SHED = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
 # A handler can be cancelled in the instant between its rows being delivered and its
@@ -146,17 +151,6 @@ def recovery(s: ServerProcess, shape: tuple[int, ...], t0: float) -> dict[str, f
         "queue_empty_s": round(drained, 3),
         "first_ok_s": round(first_ok_after(s, shape, t0), 3),
     }
-
-
-def codes_of(text: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name == "convserve_requests_total" and smp.labels["method"] == "Predict":
-                out[smp.labels["code"]] = out.get(smp.labels["code"], 0) + smp.value
-    return out
 
 
 def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:

@@ -130,3 +130,15 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def codes_of(text: str, method: str = "Predict") -> dict[str, float]:
+    """convserve_requests_total of one method by status code, from a /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "convserve_requests_total" and smp.labels["method"] == method:
+                out[smp.labels["code"]] = out.get(smp.labels["code"], 0) + smp.value
+    return out

@@ -24,7 +24,7 @@ from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from tests import tiny_models
 from tests.process_stats import MIB, Sampler, rss_bytes
-from tests.serving_helpers import ServerProcess, metric_value, running_server
+from tests.serving_helpers import ServerProcess, codes_of, metric_value, running_server
 
 SLOW = "slow"
 SHAPE = (1, 8, 8)
@@ -101,17 +101,6 @@ def predict_ok(s: ServerProcess, level: int) -> bool:
     return resp.predictions[0].classes[0].index == level
 
 
-def predict_codes(text: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name == "convserve_requests_total" and smp.labels["method"] == "Predict":
-                out[smp.labels["code"]] = out.get(smp.labels["code"], 0) + smp.value
-    return out
-
-
 def test_overload_sheds_only_with_resource_exhausted_or_deadline_and_recovers(
     slow_repository, tmp_path
 ):
@@ -157,9 +146,9 @@ def test_overload_sheds_only_with_resource_exhausted_or_deadline_and_recovers(
             return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
         codes = {
-            c: n - predict_codes(before).get(c, 0)
-            for c, n in predict_codes(after).items()
-            if n > predict_codes(before).get(c, 0)
+            c: n - codes_of(before).get(c, 0)
+            for c, n in codes_of(after).items()
+            if n > codes_of(before).get(c, 0)
         }
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}
         # Timed-out and cancelled calls never reach ONNX Runtime: every row it computed was
