@@ -9,6 +9,7 @@ server is back to an empty queue and a correct answer once the load stops.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -177,8 +178,8 @@ def test_overload_sheds_only_with_resource_exhausted_or_deadline_and_recovers(
 
 
 def test_requests_that_expire_in_the_queue_are_dropped_not_computed(slow_repository, tmp_path):
-    """A full batch holds the only ORT instance; single-image requests queued behind it time
-    out long before it finishes. None of their rows may reach ONNX Runtime."""
+    """Full batches hold the only ORT instance; single-image requests queued behind them time
+    out long before their turn. None of their rows may reach ONNX Runtime."""
     args = ("--intra-op-threads", "1", "--max-batch-size", str(MAX_BATCH), "--poll-interval", "0")
     with running_server(slow_repository, tmp_path, *args) as s, s.channel() as ch:
         stub = pb_grpc.ClassifierStub(ch)
@@ -190,14 +191,13 @@ def test_requests_that_expire_in_the_queue_are_dropped_not_computed(slow_reposit
             t0 = time.monotonic()
             stub.Predict(full, timeout=60)
             runs.append(time.monotonic() - t0)
-        run_s = min(runs)
+        # Enough full batches to keep the only instance busy for ~0.4 s on any machine, so a
+        # 0.1 s deadline reaches the server in time and still passes long before its turn.
+        blocking = max(1, math.ceil(0.4 / min(runs)))
         before = s.metrics()
-        blocker = stub.Predict.future(full, timeout=60)
-        time.sleep(run_s * 0.1)  # the blocker holds the instance (or heads the queue)
-        late = [
-            stub.Predict.future(pb.PredictRequest(images=[one]), timeout=run_s * 0.3)
-            for _ in range(4)
-        ]
+        blockers = [stub.Predict.future(full, timeout=60) for _ in range(blocking)]
+        time.sleep(0.02)  # they hold the instance and head the queue
+        late = [stub.Predict.future(pb.PredictRequest(images=[one]), timeout=0.1) for _ in range(4)]
         codes = []
         for f in late:
             try:
@@ -205,8 +205,9 @@ def test_requests_that_expire_in_the_queue_are_dropped_not_computed(slow_reposit
                 codes.append("OK")
             except grpc.RpcError as exc:
                 codes.append(exc.code().name)
-        answer = blocker.result()
-        assert [p.classes[0].index for p in answer.predictions] == [1] * MAX_BATCH
+        for blocker in blockers:
+            answer = blocker.result()
+            assert [p.classes[0].index for p in answer.predictions] == [1] * MAX_BATCH
         assert codes == ["DEADLINE_EXCEEDED"] * 4, codes
 
         def grew(text: str, name: str) -> float:
@@ -219,5 +220,6 @@ def test_requests_that_expire_in_the_queue_are_dropped_not_computed(slow_reposit
                 break
             time.sleep(0.05)
         assert grew(after, "convserve_dropped_rows_total") == 4
-        assert grew(after, "convserve_inference_items_total") == MAX_BATCH  # the blocker alone
+        computed = grew(after, "convserve_inference_items_total")
+        assert computed == blocking * MAX_BATCH  # the blockers alone
         assert grew(after, "convserve_abandoned_rows_total") == 0
