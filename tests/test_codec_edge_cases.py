@@ -8,8 +8,6 @@ InvalidInput; animated images give their first frame; transparency is composited
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from serving.codec import (
     max_pixels,
 )
 from serving.errors import InvalidInput
+from tests.image_files import png_declaring
 
 GREY = InputSpec(1, 28, 28)
 RGB = InputSpec(3, 28, 28)
@@ -33,18 +32,6 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A ~100-byte PNG whose header declares width x height; its pixel data is a stub."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def refused(data: bytes, spec: InputSpec = GREY) -> str:

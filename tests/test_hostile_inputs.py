@@ -22,7 +22,6 @@ import concurrent.futures
 import io
 import os
 import struct
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from serving.repository import ModelRepository, RepositoryConfig
 from serving.runtime import RuntimeOptions
+from tests.image_files import png_declaring
 from tests.serving_helpers import running_server
 from tests.tiny_models import DEFAULT_LABELS, image_of_class, write_version
 
@@ -154,22 +154,10 @@ def encoded_images(draw: st.DrawFn) -> bytes:
     return data
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A tiny PNG that declares width x height (a decompression bomb when large)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 4096)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 ENCODED = st.one_of(
     st.binary(max_size=2048),
     encoded_images(),
-    st.builds(png_header, st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)),
+    st.builds(png_declaring, st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), st.just(4096)),
     st.builds(lambda n: b"\0" * n, st.integers(MAX_MESSAGE - 64, MAX_MESSAGE + 64)),
 )
 
@@ -486,7 +474,7 @@ def test_bytes_that_are_not_a_request_message_get_invalid_argument(server, stubs
 
 
 def test_a_decompression_bomb_is_refused_with_a_clear_invalid_argument(stubs):
-    bomb = png_header(30_000, 30_000)
+    bomb = png_declaring(30_000, 30_000, 4096)
     assert len(bomb) < 200
     for model in SHAPES:
         request = pb.PredictRequest(model=model, images=[pb.Image(encoded=bomb)])
