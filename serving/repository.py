@@ -51,6 +51,21 @@ VARIANT_FILES = {
     "fp16": "model.fp16.onnx",
 }
 INSIGHT_FILE = "model.insight.onnx"  # stage activations as extra outputs (Explain only)
+MANIFEST_FILE = "manifest.json"
+# The manifest keys the exporter stamps into every ONNX file it writes, as metadata_props
+# named METADATA_PREFIX + key (JSON unless the value is a string).
+METADATA_PREFIX = "convserve."
+METADATA_KEYS = (
+    "name",
+    "labels",
+    "input",
+    "mean",
+    "std",
+    "dataset",
+    "test_accuracy",
+    "convserve_version",
+    "source_commit",
+)
 
 # Why a version was refused: the `reason` label of convserve_model_load_failures_total.
 REFUSALS = (
@@ -134,7 +149,7 @@ class ModelVersion:
 
 
 def _read_manifest(vdir: Path) -> tuple[dict[str, Any], InputSpec, tuple[str, ...]]:
-    path = vdir / "manifest.json"
+    path = vdir / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
@@ -198,7 +213,7 @@ def _check_metadata(session: Session, manifest: dict[str, Any], where: str) -> N
     A graph without them (not made by our exporter) is judged by the contract alone."""
     props = session.session.get_modelmeta().custom_metadata_map
     for key in METADATA_CHECKED:
-        text = props.get(f"convserve.{key}")
+        text = props.get(f"{METADATA_PREFIX}{key}")
         if text is None:
             continue
         try:

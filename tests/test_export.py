@@ -452,9 +452,3 @@ def test_dynamo_failure_falls_back_to_the_torchscript_exporter(tmp_path, monkeyp
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-4)
     assert probs.shape == (3, 3)
-
-
-def test_the_tiny_test_models_stamp_the_exporters_metadata_keys():
-    from tests import tiny_models  # torch-free, so it keeps its own copy: it must not drift
-
-    assert tiny_models.METADATA_KEYS == METADATA_KEYS

@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
+from serving.repository import MANIFEST_FILE, METADATA_KEYS, METADATA_PREFIX, VARIANT_FILES
+
+MODEL_FILE = VARIANT_FILES["fp32"]
 OPSET = 17
 IR_VERSION = 8  # what every onnxruntime >= 1.14 reads
 DEFAULT_LABELS = ("dark", "dim", "mid", "bright")
@@ -175,27 +176,14 @@ def manifest_for(
     }
 
 
-METADATA_KEYS = (
-    "name",
-    "labels",
-    "input",
-    "mean",
-    "std",
-    "dataset",
-    "test_accuracy",
-    "convserve_version",
-    "source_commit",
-)
-
-
 def metadata_props(manifest: dict[str, Any], variant: str = "fp32") -> dict[str, str]:
     """The convserve.* metadata_props trainer.export stamps into each ONNX file."""
     props = {
-        f"convserve.{k}": v if isinstance(v, str) else json.dumps(v)
+        f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v)
         for k in METADATA_KEYS
         for v in [manifest[k]]
     }
-    props["convserve.variant"] = variant
+    props[f"{METADATA_PREFIX}variant"] = variant
     return props
 
 

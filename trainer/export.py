@@ -81,6 +81,13 @@ from pydantic import ValidationError
 from torch import nn
 
 import trainer
+from serving.repository import (
+    INSIGHT_FILE,
+    MANIFEST_FILE,
+    METADATA_KEYS,
+    METADATA_PREFIX,
+    VARIANT_FILES,
+)
 from trainer import data as datalib
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.engine import usable_cores
@@ -92,21 +99,7 @@ log = logging.getLogger("convserve.export")
 MANIFEST_FORMAT = "convserve.manifest/1"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
-MODEL_FILE = "model.onnx"
-INSIGHT_FILE = "model.insight.onnx"
-MANIFEST_FILE = "manifest.json"
-METADATA_PREFIX = "convserve."
-METADATA_KEYS = (
-    "name",
-    "labels",
-    "input",
-    "mean",
-    "std",
-    "dataset",
-    "test_accuracy",
-    "convserve_version",
-    "source_commit",
-)
+MODEL_FILE = VARIANT_FILES["fp32"]
 PROBABILITY_TOLERANCE = 1e-4  # max |delta probability| between ORT and PyTorch for fp32
 MIN_PARITY_SAMPLES = 2000
 CALIBRATION_IMAGES = 512
