@@ -37,7 +37,8 @@ from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, 
 
 from trainer.data import load_dataset
 from trainer.engine import usable_cores
-from trainer.export import CalibrationReader, calibration_images, export_checkpoint, versions
+from trainer.export import export_checkpoint, versions
+from trainer.int8 import CalibrationReader, calibration_images
 
 FILES = {"fp32": "model.onnx", "optimized": "model.opt.onnx", "int8": "model.int8.onnx"}
 BATCHES = (1, 32)
@@ -112,7 +113,12 @@ def int8_alternatives(model_dir: Path, work: Path, train_images: np.ndarray) -> 
     quant_pre_process(str(model_dir / "model.onnx"), str(pre))
     calib = calibration_images(train_images, seed=0)
     common = {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}
-    settings = {  # the exporter's INT8 is QDQ, per-channel, reduce_range (7-bit weights)
+    settings = {  # the exporter's INT8 is QDQ, per-channel, reduce_range, float stem/classifier
+        "int8_every_op": {
+            "quant_format": QuantFormat.QDQ,
+            "per_channel": True,
+            "reduce_range": True,
+        },
         "int8_qdq_per_tensor": {"quant_format": QuantFormat.QDQ, "per_channel": False},
         "int8_qdq_full_range": {"quant_format": QuantFormat.QDQ, "per_channel": True},
         "int8_qoperator": {

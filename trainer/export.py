@@ -69,14 +69,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quant_pre_process,
-    quantize_static,
-)
 from pydantic import ValidationError
 from torch import nn
 
@@ -91,6 +83,7 @@ from serving.repository import (
 from trainer import data as datalib
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.engine import usable_cores
+from trainer.int8 import quantize_int8
 from trainer.models import Classifier, build_model
 from trainer.recipe import Recipe, RecipeError, load_recipe_data
 
@@ -102,7 +95,6 @@ OUTPUT_NAMES = ("logits", "probabilities")
 MODEL_FILE = VARIANT_FILES["fp32"]
 PROBABILITY_TOLERANCE = 1e-4  # max |delta probability| between ORT and PyTorch for fp32
 MIN_PARITY_SAMPLES = 2000
-CALIBRATION_IMAGES = 512
 TORCHSCRIPT_MAX_OPSET = 20
 TRITON_MAX_BATCH_SIZE = 64
 EVAL_BATCH = 500
@@ -451,67 +443,10 @@ def optimized_variant(src: Path, dst: Path, data: datalib.Dataset, seed: int) ->
     }
 
 
-class CalibrationReader(CalibrationDataReader):
-    """Feeds calibration batches of raw uint8 images, exactly what the graph takes."""
-
-    def __init__(self, images: np.ndarray, batch: int = 64):
-        self._batches = iter([images[i : i + batch] for i in range(0, len(images), batch)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
-
-
-def calibration_images(images: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded random sample of CALIBRATION_IMAGES training images (uint8, NCHW)."""
-    n = min(CALIBRATION_IMAGES, len(images))
-    pick = np.random.default_rng(seed).choice(len(images), n, replace=False)
-    return np.ascontiguousarray(images[np.sort(pick)])
-
-
 def int8_variant(src: Path, dst: Path, data: datalib.Dataset, seed: int) -> dict[str, Any]:
-    """Static INT8 (QDQ, per-channel 7-bit weights) calibrated on training images.
-
-    The uint8 input needs no special care: the calibrator only observes float tensors, and the
-    graph's own Cast/normalise ops produce them. The softmax stays in float: quantising it
-    would round every probability to a multiple of 1/255. reduce_range keeps weights in 7 bits:
-    on x86 without VNNI, ORT's u8s8 kernels saturate their int16 intermediates with full-range
-    weights (measured: the default Fashion-MNIST model lost 1.2 points with them, none without).
-    """
-    images = calibration_images(data.train.images, seed)
-    with tempfile.TemporaryDirectory(prefix="convserve-int8-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        try:  # shape inference + graph optimisation (BN folding etc.) make better QDQ graphs
-            quant_pre_process(str(src), str(pre))
-            source, preprocessed = pre, True
-        except Exception as exc:  # optional step: quantising the plain graph still works
-            log.warning("quant_pre_process failed (%s); quantising the exported graph", exc)
-            source, preprocessed = src, False
-        softmax = [n.name for n in onnx.load(source).graph.node if n.op_type == "Softmax"]
-        quantize_static(
-            str(source),
-            str(dst),
-            CalibrationReader(images),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=softmax,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-    return {
-        "quantization": {
-            "format": "QDQ",
-            "per_channel": True,
-            "reduce_range": True,
-            "activations": "uint8",
-            "weights": "int8",
-            "calibration": {"method": "MinMax", "images": len(images), "split": "train"},
-            "preprocessed": preprocessed,
-            "float_ops": ["Softmax"],
-        }
-    }
+    """Static INT8 (QDQ, per-channel) calibrated on training images; trainer.int8 says which
+    ops stay float and why."""
+    return quantize_int8(src, dst, data.train.images, seed)
 
 
 def fp16_variant(src: Path, dst: Path, data: datalib.Dataset, seed: int) -> dict[str, Any]:
