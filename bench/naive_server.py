@@ -3,7 +3,7 @@
 `naive`: what a user writes in an afternoon. grpc.aio serving our convserve.v1.Classifier
 Predict and PredictStream with raw uint8 tensors, one `session.run` per request in the event
 loop thread, no batching, no validation beyond numpy's own. For fairness its ONNX Runtime
-session uses the same options as convserve's (threads, no spinning, optimisation level).
+session uses the same options as convserve's (threads, spinning, optimisation level).
 
 `--empty`: the same servicer with nothing behind it: Predict answers a prebuilt response of
 the right size without looking at the images. It measures what grpc.aio itself costs per

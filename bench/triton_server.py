@@ -36,14 +36,15 @@ from pytriton.triton import Triton, TritonConfig
 
 
 def session(path: Path, intra_op_threads: int) -> ort.InferenceSession:
-    """The same options as serving.runtime.session_options (no spinning on a small machine)."""
+    """The same options as serving.runtime.session_options (workers spin only within a run)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

@@ -37,14 +37,21 @@ GRAPH_OPT_LEVELS = {
 }
 
 
+SPINNING = ("run", "off", "always")
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | tensorrt
     intra_op_threads: int = 0  # 0: ORT's default (one per core)
     inter_op_threads: int = 1
     graph_optimization: str = "all"
-    # Spinning worker threads burn the cores that gRPC and Python need on a small machine.
-    allow_spinning: bool = False
+    # "run": intra-op workers spin between the parallel sections of one run and stop when
+    # the run ends, so they hand work over without a futex wake-up per convolution and
+    # burn no core between requests (BENCHMARKS.md: batch 1 0.36 -> 0.23 ms in a loop).
+    # "off": they block after every section; "always": ORT's default, they keep spinning
+    # after a run and take the cores gRPC and Python need on a small machine.
+    spinning: str = "run"
 
 
 def _device_id(device: str) -> int:
@@ -87,9 +94,14 @@ def session_options(opts: RuntimeOptions) -> ort.SessionOptions:
     # fragmentation grow RSS 7% in one run.
     so.enable_cpu_mem_arena = True
     so.enable_mem_pattern = True
-    spin = "1" if opts.allow_spinning else "0"
+    if opts.spinning not in SPINNING:
+        raise ValueError(f"spinning must be one of {SPINNING}, got {opts.spinning!r}")
+    spin = "0" if opts.spinning == "off" else "1"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")  # one inter-op thread
+    so.add_session_config_entry(
+        "session.force_spinning_stop", "1" if opts.spinning == "run" else "0"
+    )
     so.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", _no_external_data_dir().name
     )

@@ -590,3 +590,22 @@ def test_a_manifest_without_a_usable_training_mean_is_refused(model_repository, 
     (version / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelLoadError, match="'mean' must list 1"):
         _read_manifest(version)
+
+
+@pytest.mark.parametrize(
+    "mode, allow, stop", [("run", "1", "1"), ("off", "0", "0"), ("always", "1", "0")]
+)
+def test_intra_op_workers_spin_within_a_run_and_stop_when_it_ends(mode, allow, stop):
+    from serving.runtime import RuntimeOptions, session_options
+
+    so = session_options(RuntimeOptions(spinning=mode))
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    assert so.get_session_config_entry("session.force_spinning_stop") == stop
+    assert RuntimeOptions().spinning == "run"
+
+
+def test_an_unknown_spinning_mode_is_refused():
+    from serving.runtime import RuntimeOptions, session_options
+
+    with pytest.raises(ValueError, match="spinning must be one of"):
+        session_options(RuntimeOptions(spinning="sometimes"))
