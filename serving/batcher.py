@@ -135,16 +135,16 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("deadline already passed on arrival")
+        idle = self._idle_fast_path(n)
+        if idle and self._runs_inline(n):
+            return self._run_inline(rows)
         req = _Request(rows, asyncio.get_running_loop().create_future(), deadline, now)
-        if self._idle_fast_path(n):
+        if idle:
             # Nobody is waiting and an instance is free: run now and skip the scheduler's
             # hops (this is what concurrency-1 latency is made of).
             await self._slots.acquire()  # does not suspend: a slot is free
             req.taken = n
             self.observer.queue_wait(0.0)
-            if self._runs_inline(n):  # nothing in here suspends: the caller cannot leave
-                await self._execute([(req, 0, n)], inline=True)
-                return req.future.result()
             # A task of its own, so a caller that leaves mid-run neither frees the slot
             # early nor loses the count of rows computed for nobody.
             self._launch([(req, 0, n)])
@@ -159,6 +159,32 @@ class Batcher:
             if not req.future.done():  # the caller was cancelled: free its queued rows now
                 req.future.cancel()
                 self._drop(req, "cancelled")
+
+    def _run_inline(self, rows: np.ndarray) -> np.ndarray:
+        """A small run on the event loop itself, start to end without a suspension point:
+        no other coroutine can start a batch meanwhile (so no slot is taken) and the caller
+        cannot leave (so no future is needed). Its deadline was checked on arrival."""
+        self.observer.queue_wait(0.0)
+        self._active += 1
+        try:
+            t0 = time.monotonic()
+            out = self.run(rows)
+            took = time.monotonic() - t0
+        except ServingError:
+            raise
+        except Exception as exc:  # as on the executor path: logged, answered as a failure
+            log.exception("batch for %s failed", self.name)
+            raise InferenceFailed(f"inference failed: {exc}") from exc
+        finally:
+            self._active -= 1
+        self._observe_run(len(rows), took)
+        return out
+
+    def _observe_run(self, n: int, took: float) -> None:
+        self.observer.batch(n, took)
+        if n <= self.config.inline_max_rows:
+            last = self._small_run_s
+            self._small_run_s = took if last is None else 0.8 * last + 0.2 * took
 
     def _runs_inline(self, n: int) -> bool:
         cost = self._small_run_s
@@ -246,16 +272,13 @@ class Batcher:
         self.observer.queue_depth(self._queued_rows)
         return batch
 
-    async def _execute(self, batch: _Batch, inline: bool = False) -> None:
+    async def _execute(self, batch: _Batch) -> None:
         self._active += 1
         try:
             try:
-                if inline:
-                    live, late, out, took = self._run_live(batch)
-                else:
-                    loop = asyncio.get_running_loop()
-                    ran = loop.run_in_executor(self.executor, self._run_live, batch)
-                    live, late, out, took = await ran
+                loop = asyncio.get_running_loop()
+                ran = loop.run_in_executor(self.executor, self._run_live, batch)
+                live, late, out, took = await ran
             except ServingError as exc:
                 self._fail(batch, exc)
                 return
@@ -266,18 +289,14 @@ class Batcher:
             self._expire(late)
             if out is None:
                 return
-            n = sum(b - a for _, a, b in live)
-            self.observer.batch(n, took)
-            if n <= self.config.inline_max_rows:
-                last = self._small_run_s
-                self._small_run_s = took if last is None else 0.8 * last + 0.2 * took
+            self._observe_run(sum(b - a for _, a, b in live), took)
             self._deliver(live, out)
         finally:
             self._active -= 1
             self._slots.release()
 
     def _run_live(self, batch: _Batch) -> tuple[_Batch, _Batch, np.ndarray | None, float]:
-        """Runs on the ORT thread (or inline): the last check before compute, then the run.
+        """Runs on the ORT thread: the last check before compute, then the run.
         Returns (live parts, parts dropped here, output or None, seconds ORT took)."""
         now = time.monotonic()
         live: _Batch = []

@@ -243,8 +243,8 @@ def test_queue_delay_waits_for_company_up_to_the_limit():
 class ThreadRecorder(Recorder):
     """A Recorder that also notes which thread ran each batch."""
 
-    def __init__(self, delay: float = 0.0):
-        super().__init__(delay=delay)
+    def __init__(self, fail_on: int | None = None, delay: float = 0.0):
+        super().__init__(fail_on=fail_on, delay=delay)
         self.threads: list[int] = []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -270,3 +270,20 @@ def test_idle_small_requests_run_on_the_loop_only_when_runs_are_cheap(delay):
     assert on_loop[-1] is False
     # Cheap runs (well under 2 ms) move onto the loop; 10 ms runs never do.
     assert on_loop[1:6] == [delay == 0.0] * 5
+
+
+def test_a_failed_run_on_the_loop_fails_that_request_and_the_next_still_runs_there():
+    rec = ThreadRecorder(fail_on=13)
+    loop_thread = threading.get_ident()
+
+    async def body(b):
+        for i in range(3):  # the first run is measured on the executor, then cheap runs inline
+            assert np.array_equal(await b.submit(rows(i)), rows(2 * i))
+        with pytest.raises(InferenceFailed, match="poisoned row 13"):
+            await b.submit(rows(13))
+        assert np.array_equal(await b.submit(rows(7)), rows(14))
+        assert b.queued_rows == 0
+
+    config = BatchConfig(max_batch_size=8, inline_max_rows=4, inline_max_s=0.002)
+    run(_with_batcher, rec, config, body)
+    assert [t == loop_thread for t in rec.threads] == [False, True, True, True, True]
