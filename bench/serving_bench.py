@@ -3,7 +3,9 @@
 Same machine, same model (the default Fashion-MNIST export), same load, one after another:
 
 - the ceiling: ONNX Runtime in-process (no RPC) at batch 1, 32 and 64, with the session
-  options convserve uses;
+  options convserve uses; measured once at the start, and at batch 1 and 32 again just
+  before and just after each system, whose ratios are taken against that bracket's mean
+  (this VM's speed drifts by more than the targets' margins within one run);
 - an empty-handler grpc.aio server (the floor of any Python gRPC server; concurrency-1
   latency is reported as overhead above it);
 - a naive server (bench/naive_server.py: grpc.aio + one session.run per request);
@@ -67,6 +69,7 @@ from serving.proto.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
 from serving.runtime import RuntimeOptions, session_options  # noqa: E402
 
 MODEL = "fashion-mnist"
+BRACKET_S = 2.0  # seconds per batch size of each ceiling measured around a system
 TRITON_VENV = ROOT / "bench" / ".venv-triton"
 PATHS = {
     ("convserve", "unary"): "/convserve.v1.Classifier/Predict",
@@ -290,13 +293,15 @@ def check_answers(
 
 
 # ----------------------------------------------------------------------------- ceiling
-def ort_ceiling(model: Path, images: np.ndarray, seconds: float) -> dict[str, Any]:
+def ort_ceiling(
+    model: Path, images: np.ndarray, seconds: float, batches: tuple[int, ...] = (1, 32, 64)
+) -> dict[str, Any]:
     """ONNX Runtime in-process, the session options convserve uses: images/s per batch."""
     sess = ort.InferenceSession(
         str(model), session_options(RuntimeOptions(device="cpu")), ["CPUExecutionProvider"]
     )
     out: dict[str, Any] = {}
-    for b in (1, 32, 64):
+    for b in batches:
         x = images[:b]
         for _ in range(20):
             sess.run(["probabilities"], {"images": x})
@@ -312,6 +317,21 @@ def ort_ceiling(model: Path, images: np.ndarray, seconds: float) -> dict[str, An
             "runs": len(times),
         }
     return out
+
+
+def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The ceiling measured just before and just after one system's runs, and their mean:
+    what that system's ratios are taken against (the VM's speed drifts within a run)."""
+    return {
+        "images_per_s_32": round(
+            (before["32"]["images_per_s"] + after["32"]["images_per_s"]) / 2, 1
+        ),
+        "ms_per_run_1": round(
+            (before["1"]["ms_per_run_p50"] + after["1"]["ms_per_run_p50"]) / 2, 4
+        ),
+        "before": before,
+        "after": after,
+    }
 
 
 # ----------------------------------------------------------------------------- systems
@@ -685,6 +705,8 @@ def main() -> int:
             if wanted and system.name not in wanted:
                 continue
             log = tmp / "server.log"
+            before = ort_ceiling(model, images, BRACKET_S, (1, 32))
+            first_result = len(results)
             t0 = time.monotonic()
             with started(system, port, log) as proc:
                 first = system.scenarios[0]
@@ -723,6 +745,13 @@ def main() -> int:
                             f"  cnn-bench {r['loop']} loop: {r['requests_per_s']} req/s, "
                             f"p50 {lat['p50']} ms, p99 {lat['p99']} ms, errors {r['errors']}"
                         )
+            own = bracket(before, ort_ceiling(model, images, BRACKET_S, (1, 32)))
+            print(
+                f"  ceiling around it: {own['images_per_s_32']:.0f} img/s at batch 32, "
+                f"{own['ms_per_run_1']:.3f} ms at batch 1"
+            )
+            for r in results[first_result:]:
+                r["ceiling"] = own
         if args.profile != "never":
             missed = any(not t["met"] for t in targets(results, ceiling))
             if args.profile == "always" or missed:

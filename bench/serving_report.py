@@ -41,6 +41,19 @@ def _best(results: list[dict], scenario: str, key: str) -> dict | None:
     return max(ours, key=lambda r: r[key], default=None)
 
 
+def _top(r: dict, ceiling: dict[str, Any]) -> float:
+    """The batch-32 ceiling `r` is judged against: measured around its system, else the
+    run's opening one."""
+    own = r.get("ceiling")
+    return own["images_per_s_32"] if own else ceiling["32"]["images_per_s"]
+
+
+def _compute(r: dict, ceiling: dict[str, Any]) -> float:
+    """ORT's batch-1 run time (ms) around `r`'s system, else the run's opening one."""
+    own = r.get("ceiling")
+    return own["ms_per_run_1"] if own else ceiling["1"]["ms_per_run_p50"]
+
+
 def targets(results: list[dict], ceiling: dict[str, Any]) -> list[dict]:
     """The issue's targets, each with what was measured and whether it was met."""
     out = []
@@ -60,15 +73,17 @@ def targets(results: list[dict], ceiling: dict[str, Any]) -> list[dict]:
                     "goal_met": ratio >= goal if goal else None,
                 }
             )
-    top = ceiling["32"]["images_per_s"]
-    for sc in ("32 images, c8", "stream 32x32 images, 8 streams"):
-        b = _best(results, sc, "images_per_s")
+    for sc in ("32 images, c8", "stream, 32 images/msg, 8 streams"):
+        ours = [r for r in results if r["system"] in OURS and r["scenario"] == sc and r["valid"]]
+        b = max(ours, key=lambda r: r["images_per_s"] / _top(r, ceiling), default=None)
         if b:
+            top = _top(b, ceiling)
             out.append(
                 {
                     "target": f"{sc}: >= 95% of the ORT in-process ceiling (batch 32) images/s",
                     "measured": f"{b['images_per_s']:.0f} vs {top:.0f} images/s = "
-                    f"{b['images_per_s'] / top:.1%} ({b['system']})",
+                    f"{b['images_per_s'] / top:.1%} ({b['system']}"
+                    + ("; ceiling measured around it)" if "ceiling" in b else ")"),
                     "met": b["images_per_s"] >= 0.95 * top,
                 }
             )
@@ -91,7 +106,7 @@ def targets(results: list[dict], ceiling: dict[str, Any]) -> list[dict]:
         empty = _get(results, EMPTY, "1 image, c1")
         if not (c1 and empty):
             continue
-        compute = ceiling["1"]["ms_per_run_p50"]
+        compute = _compute(c1, ceiling)
         p50, floor = c1["latency_ms"]["p50"], empty["latency_ms"]["p50"]
         raw = "met" if p50 <= compute + 0.3 else "not met"
         out.append(
@@ -114,7 +129,6 @@ def markdown(
     machine: dict[str, Any],
     method: dict[str, Any],
 ) -> tuple[str, list[dict]]:
-    top = ceiling["32"]["images_per_s"]
     lines = [
         "### Ceiling: ONNX Runtime in-process (no RPC, convserve's session options)",
         "",
@@ -129,14 +143,15 @@ def markdown(
         "",
         "Unary scenarios are loaded by h2load; the stream scenario by `cnn-bench` (one message "
         "in flight per stream; latency per message). `x ceiling` is images/s over the "
-        "batch-32 ceiling; `x triton` and `x naive` compare requests/s in the same scenario. "
+        "batch-32 ceiling measured just before and after that system (their mean; "
+        "`ceiling` column); `x triton` and `x naive` compare requests/s in the same scenario. "
         "`server CPU` is CPU time of all the server's processes per request; `other load` "
         "is how many cores anything else on the machine kept busy during the run (0 on a "
         "quiet machine).",
         "",
         "| scenario | system | req/s | images/s | p50 ms | p90 ms | p99 ms | max ms "
-        "| x ceiling | x triton | x naive | server CPU ms/req | other load | checks |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| ceiling | x ceiling | x triton | x naive | server CPU ms/req | other load | checks |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     order = sorted(results, key=lambda r: (r["kind"], r["images_per_request"], r["concurrency"]))
     scenarios = list(dict.fromkeys(r["scenario"] for r in order))
@@ -147,7 +162,7 @@ def markdown(
             lines.append(
                 f"| {sc} | {r['system']} | {r['requests_per_s']:.0f} | {r['images_per_s']:.0f} "
                 f"| {lat['p50']:.3f} | {lat['p90']:.3f} | {lat['p99']:.3f} | {lat['max']:.2f} "
-                f"| {r['images_per_s'] / top:.2f} "
+                f"| {_top(r, ceiling):.0f} | {r['images_per_s'] / _top(r, ceiling):.2f} "
                 f"| {_vs(r, tri)} | {_vs(r, nai)} | {r['server_cpu_ms_per_request']:.3f} "
                 f"| {r['other_cpu_cores']:.2f} "
                 f"| {'ok' if r['valid'] else 'INVALID: bytes ' + str(r['received_bytes_ratio'])} |"
