@@ -51,7 +51,7 @@ from onnxruntime.quantization import (
 
 log = logging.getLogger("convserve.export")
 
-INPUT_NAME = "images"
+INPUT_NAME = "images"  # the graph's names, as trainer.export writes them (it imports us)
 LOGITS = "logits"
 CALIBRATION_IMAGES = 512
 STEM_MIN_PRODUCTS = 64  # a convolution with fewer products per output value stays float
