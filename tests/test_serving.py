@@ -609,3 +609,24 @@ def test_an_unknown_spinning_mode_is_refused():
 
     with pytest.raises(ValueError, match="spinning must be one of"):
         session_options(RuntimeOptions(spinning="sometimes"))
+
+
+def test_variant_int8_serves_the_int8_file_with_its_own_answers(
+    model_repository, tmp_path, fashion_test, version_dir
+):
+    x = fashion_test.images[:16]
+    int8 = ort.InferenceSession(
+        str(version_dir / "model.int8.onnx"), providers=["CPUExecutionProvider"]
+    )
+    want = int8.run(["probabilities"], {"images": x})[0]
+    fp32 = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(want - fp32.run(["probabilities"], {"images": x})[0]).max() > 1e-4  # distinct
+    with running_server(model_repository, tmp_path, "--variant", "int8") as s:
+        stub = pb_grpc.ClassifierStub(s.channel())
+        resp = stub.Predict(pb.PredictRequest(images=[tensor(i) for i in x], top_k=10))
+        for row, p in zip(want, resp.predictions, strict=True):
+            got = np.zeros(10)
+            for c in p.classes:
+                got[c.index] = c.probability
+            np.testing.assert_allclose(got, row, atol=1e-6)
+        assert "model.int8.onnx" in s.log()
