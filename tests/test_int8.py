@@ -149,6 +149,16 @@ def test_thin_stem_normalisation_classifier_and_softmax_stay_float():
     assert "stem stem: 9 products per output value" in plan.reasons
 
 
+def test_unnamed_nodes_get_names_so_exclusion_by_name_cannot_match_them_all():
+    model = cnn()
+    for node in model.graph.node:
+        node.name = ""
+    rewritten, plan = planned(model)
+    names = [n.name for n in rewritten.graph.node]
+    assert "" not in plan.nodes and all(names) and len(set(names)) == len(names)
+    assert len(plan.nodes) < len(names)
+
+
 def test_a_thick_first_convolution_is_quantised():
     rewritten, plan = planned(cnn(stem_in=8))  # 8 x 3 x 3 = 72 products per output
     assert "stem" not in plan.nodes and not any("stem" in r for r in plan.rewrites)

@@ -139,7 +139,7 @@ def _float_stem(model: onnx.ModelProto, plan: FloatPlan) -> None:
     plan.reasons.append(f"stem {conv.name}: {products} products per output value")
     relu = g.only_consumer(conv.output[0])
     pool = relu is not None and relu.op_type == "Relu" and g.only_consumer(relu.output[0])
-    if pool and pool.op_type == "MaxPool":
+    if pool and pool.op_type == "MaxPool" and len(pool.output) == 1:  # no Indices output
         # Conv -> Relu(a) -> MaxPool(b)  ==>  Conv -> MaxPool(a) -> Relu(b)
         pooled, out = relu.output[0], pool.output[0]
         pool.input[0], pool.output[0] = conv.output[0], pooled
@@ -209,6 +209,9 @@ def _flattens_per_sample(g: _Graph, reshape: onnx.NodeProto, shape: list[int | N
 
 def float_plan(model: onnx.ModelProto) -> FloatPlan:
     """Rewrite `model` in place for a mixed-precision QDQ graph; say what stays float."""
+    for i, node in enumerate(model.graph.node):  # exclusion is by name: "" would match all
+        if not node.name:
+            node.name = f"{node.op_type}_{i}_unnamed"
     plan = FloatPlan()
     _float_stem(model, plan)
     _float_classifier(model, plan)
