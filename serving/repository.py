@@ -67,6 +67,19 @@ METADATA_KEYS = (
     "source_commit",
 )
 
+
+def metadata_props(manifest: dict[str, Any], variant: str) -> dict[str, str]:
+    """The convserve.* metadata_props the exporter stamps into a file of a version (the
+    manifest's METADATA_KEYS, plus which variant the file is); `_check_metadata` reads them."""
+    props = {
+        f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v)
+        for k in METADATA_KEYS
+        for v in [manifest[k]]
+    }
+    props[f"{METADATA_PREFIX}variant"] = variant
+    return props
+
+
 # Why a version was refused: the `reason` label of convserve_model_load_failures_total.
 REFUSALS = (
     "manifest",  # missing, not JSON, or missing/unusable fields

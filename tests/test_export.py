@@ -23,10 +23,10 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 import trainer
 import trainer.export as export
+from serving.repository import METADATA_KEYS
 from trainer.cli import export_main, train_main
 from trainer.data import load_dataset
 from trainer.export import (
-    METADATA_KEYS,
     PROBABILITY_TOLERANCE,
     ExportError,
     export_checkpoint,

@@ -25,7 +25,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.repository import MANIFEST_FILE, METADATA_KEYS, METADATA_PREFIX, VARIANT_FILES
+from serving.repository import (
+    MANIFEST_FILE,
+    VARIANT_FILES,
+    metadata_props,
+)
 
 MODEL_FILE = VARIANT_FILES["fp32"]
 OPSET = 17
@@ -115,7 +119,7 @@ def make_model(
     model.ir_version = IR_VERSION
     labels = list(DEFAULT_LABELS[:num_classes]) if num_classes <= 4 else _labels(num_classes)
     if metadata is None:
-        metadata = metadata_props(manifest_for("tiny", 1, labels, shape))
+        metadata = metadata_props(manifest_for("tiny", 1, labels, shape), "fp32")
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
     return model
@@ -176,17 +180,6 @@ def manifest_for(
     }
 
 
-def metadata_props(manifest: dict[str, Any], variant: str = "fp32") -> dict[str, str]:
-    """The convserve.* metadata_props trainer.export stamps into each ONNX file."""
-    props = {
-        f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v)
-        for k in METADATA_KEYS
-        for v in [manifest[k]]
-    }
-    props[f"{METADATA_PREFIX}variant"] = variant
-    return props
-
-
 def write_version(
     root: Path,
     name: str = "tiny",
@@ -219,7 +212,9 @@ def write_version(
     man = manifest if manifest is not None else manifest_for(name, version, labels, shape)
     if model_bytes is None:
         if model is None:
-            model = make_model(num_classes=len(labels), shape=shape, metadata=metadata_props(man))
+            model = make_model(
+                num_classes=len(labels), shape=shape, metadata=metadata_props(man, "fp32")
+            )
         model_bytes = model.SerializeToString()
     mdir = Path(root) / name
     mdir.mkdir(parents=True, exist_ok=True)

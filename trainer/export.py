@@ -76,9 +76,9 @@ import trainer
 from serving.repository import (
     INSIGHT_FILE,
     MANIFEST_FILE,
-    METADATA_KEYS,
     METADATA_PREFIX,
     VARIANT_FILES,
+    metadata_props,
 )
 from trainer import data as datalib
 from trainer.checkpoint import CheckpointError, load_checkpoint
@@ -299,17 +299,6 @@ def source_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
-
-
-def metadata_props(manifest: dict[str, Any], variant: str) -> dict[str, str]:
-    """The ONNX metadata_props for a file of this version (see the module docstring)."""
-    props = {
-        f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v)
-        for k in METADATA_KEYS
-        for v in [manifest[k]]
-    }
-    props[f"{METADATA_PREFIX}variant"] = variant
-    return props
 
 
 def stamp_metadata(path: Path, props: dict[str, str]) -> None:
