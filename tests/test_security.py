@@ -11,6 +11,7 @@ Certificates are made at test time (tests/certs.py); no key is ever committed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -83,6 +84,19 @@ def _wait_health(server: ServerProcess, port: int, timeout: float = 60.0) -> Non
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def _serving(repo: Path, d: Path, *args: str) -> Iterator[tuple[ServerProcess, int]]:
+    """A server with `args` and a plaintext health port, once that port says SERVING (the
+    main port may need TLS or a token); stopped on exit."""
+    health = free_port()
+    server = start_server(repo, d, *args, "--health-port", str(health), wait=False)
+    try:
+        _wait_health(server, health)
+        yield server, health
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repo")
@@ -97,20 +111,14 @@ def tls_server(repo, tmp_path_factory) -> Iterator[Secured]:
     cert, key = ca.issue("server").write(d / "server")
     tokens = d / "tokens.txt"
     tokens.write_text(TOKENS)
-    health = free_port()
-    server = start_server(
+    with _serving(
         repo,
         d,
         *("--host", "0.0.0.0", "--poll-interval", "0"),
         *("--tls-cert", str(cert), "--tls-key", str(key)),
-        *("--auth-token-file", str(tokens), "--health-port", str(health)),
-        wait=False,
-    )
-    try:
-        _wait_health(server, health)
+        *("--auth-token-file", str(tokens)),
+    ) as (server, health):
         yield Secured(server, health, d, ca.write(d / "ca.crt"), tokens)
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -118,22 +126,15 @@ def mtls_server(repo, tmp_path_factory) -> Iterator[Secured]:
     d = tmp_path_factory.mktemp("mtls")
     server_ca, client_ca = CA("server-ca"), CA("client-ca")
     cert, key = server_ca.issue("server").write(d / "server")
-    health = free_port()
-    server = start_server(
+    with _serving(
         repo,
         d,
         *("--workers", "2", "--intra-op-threads", "1", "--poll-interval", "0"),
         *("--tls-cert", str(cert), "--tls-key", str(key)),
         *("--tls-client-ca", str(client_ca.write(d / "client-ca.crt"))),
-        *("--health-port", str(health)),
-        wait=False,
-    )
-    try:
-        _wait_health(server, health)
+    ) as (server, health):
         client = client_ca.issue("client").write(d / "client")
         yield Secured(server, health, d, server_ca.write(d / "ca.crt"), client_cert=client)
-    finally:
-        server.stop()
 
 
 def _code(fn: Callable[[], object]) -> grpc.StatusCode:
