@@ -21,12 +21,14 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from serving import errors
+from serving.codec import InputSpec
 from serving.dataplane import DataPlane, EncodedImage, ImageInput, RawTensor
 from serving.metrics import Metrics, RequestTimer
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from serving.repository import ModelVersion
 
 log = logging.getLogger("convserve.services")
 
@@ -184,25 +186,55 @@ def _image_inputs(images: Any) -> list[ImageInput]:
     return out
 
 
+def _uint8_payloads(images: Any, spec: InputSpec) -> list[bytes] | None:
+    """The data of every image when all are UINT8 tensors shaped like the model's input
+    ((C, H, W), or (H, W) for one channel), else None: the general path then decodes them
+    and words any error."""
+    chw = list(spec.shape)
+    hw = [spec.height, spec.width] if spec.channels == 1 else chw
+    out = []
+    for img in images:
+        t = img.tensor  # an image that is not a tensor reads as an empty one: dtype 0
+        if t.dtype != pb.UINT8:
+            return None
+        shape = t.shape
+        if shape != chw and shape != hw:
+            return None
+        out.append(t.data)
+    return out
+
+
 def _float_tensor(a: np.ndarray) -> pb.Tensor:
     a = np.ascontiguousarray(a, dtype="<f4")
     return pb.Tensor(dtype=pb.FLOAT32, shape=list(a.shape), data=a.tobytes())
 
 
 class ClassifierServicer(_Servicer, pb_grpc.ClassifierServicer):
+    async def _rows(
+        self, request: pb.PredictRequest, mv: ModelVersion
+    ) -> tuple[np.ndarray, ModelVersion]:
+        """The request's images as one uint8 batch for `mv`, or for the version that
+        replaced it while a big decode waited on a thread."""
+        payloads = _uint8_payloads(request.images, mv.spec)
+        rows = None if payloads is None else self.plane.stack_uint8(payloads, mv)
+        if rows is not None:
+            return rows, mv
+        images = _image_inputs(request.images)
+        rows = self.plane.decode_inline(images, mv)
+        if rows is not None:
+            return rows, mv
+        rows = await self.plane.decode_in_thread(images, mv)
+        # The decode awaited a thread: a hot swap may have happened meanwhile, so resolve
+        # the model again (and re-decode in the rare case its input changed).
+        latest = self.plane.model(request.model, request.version)
+        if latest is not mv and latest.spec != mv.spec:
+            rows = self.plane.decode(images, latest)
+        return rows, latest
+
     async def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         mv = self.plane.model(request.model, request.version)
         k = self.plane.check_top_k(request.top_k, mv)
-        images = _image_inputs(request.images)
-        rows = self.plane.decode_inline(images, mv)
-        if rows is None:
-            rows = await self.plane.decode_in_thread(images, mv)
-            # The decode awaited a thread: a hot swap may have happened meanwhile, so
-            # resolve the model again (and re-decode in the rare case its input changed).
-            latest = self.plane.model(request.model, request.version)
-            if latest is not mv and latest.spec != mv.spec:
-                rows = self.plane.decode(images, latest)
-            mv = latest
+        rows, mv = await self._rows(request, mv)
         result = await self.plane.classify(mv, rows, k, deadline_of(context))
         labels = mv.labels
         response = pb.PredictResponse(

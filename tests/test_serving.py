@@ -140,6 +140,36 @@ def test_raw_uint8_and_float32_tensors_give_the_same_answer(server, fashion_test
             np.testing.assert_allclose(got, row, atol=1e-6)
 
 
+def test_a_request_mixing_tensors_and_files_gets_each_images_own_answer(
+    server, fashion_test, ort_probs
+):
+    """All-uint8 requests take a one-copy path; one that mixes kinds takes the general one.
+    Both give each image its own row, and an error names the image it is about."""
+    x = fashion_test.images[:5]
+    mixed = [
+        tensor(x[0]),
+        pb.Image(encoded=png(x[1])),
+        tensor(x[2], shape=[28, 28]),
+        tensor(x[3].astype(np.float32), pb.FLOAT32),
+        tensor(x[4]),
+    ]
+    stub = pb_grpc.ClassifierStub(server.channel())
+    uniform = [tensor(i, shape=[28, 28]) if n % 2 else tensor(i) for n, i in enumerate(x)]
+    for images in (mixed, uniform):
+        resp = stub.Predict(pb.PredictRequest(images=images, top_k=10), timeout=30)
+        for row, p in zip(ort_probs[:5], resp.predictions, strict=True):
+            got = np.zeros(10)
+            for c in p.classes:
+                got[c.index] = c.probability
+            np.testing.assert_allclose(got, row, atol=1e-6)
+    short = [tensor(i) for i in x]
+    short[3] = tensor(x[3], data=x[3].tobytes()[:-1])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(pb.PredictRequest(images=short), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("image 3: tensor data is 783 bytes")
+
+
 def test_predict_stream_answers_each_request_in_order(server, fashion_test, ort_probs):
     stub = pb_grpc.ClassifierStub(server.channel())
     reqs = [
