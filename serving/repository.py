@@ -445,7 +445,11 @@ class ModelRepository:
 
         def run(x: np.ndarray) -> np.ndarray:
             logits, probs = session.run(x, ("logits", "probabilities"))
-            return np.stack((logits, probs), axis=1)
+            # np.stack is pure Python around this (~7 against ~3 us on every run)
+            out = np.empty((len(probs), 2, probs.shape[1]), dtype=probs.dtype)
+            out[:, 0] = logits
+            out[:, 1] = probs
+            return out
 
         batcher = Batcher(
             run, self.batching, executor, self.events.observer(name, version), f"{name}:{version}"
