@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto data demo test fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-metrics bench-arena overload soak clean
+.PHONY: install proto data demo test fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-targets bench-cpu bench-metrics bench-arena overload soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -91,6 +91,15 @@ bench-serving: install data $(TRITON_BENCH_VENV)/.installed $(VENV)/bin/py-spy  
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/serving_bench.py --out-dir bench/results $(BENCH_SERVING_ARGS)
 
+bench-targets: install data $(TRITON_BENCH_VENV)/.installed  ## the serving targets: every system up at once, measured in turn over 5 rounds; writes bench/results/serving_targets.{json,md}
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(PY) bench/serving_targets.py --out-dir bench/results $(BENCH_TARGETS_ARGS)
+
+bench-cpu: install data  ## CPU per served request by thread and library (perf, system-wide); writes bench/results/cpu_breakdown.json
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	command -v perf >/dev/null || (apt-get update -qq && apt-get install -y -qq linux-perf)
+	$(PY) bench/cpu_breakdown.py $(BENCH_CPU_ARGS)
+
 bench-metrics: install data  ## what metrics cost: server with and without them, interleaved A/B under h2load; writes bench/results/metrics_cost.json
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/metrics_cost.py --out bench/results/metrics_cost.json $(BENCH_METRICS_ARGS)
@@ -110,7 +119,7 @@ bench-arena: install data  ## RSS of ONNX Runtime's CPU memory settings on rando
 	test -f $(SERVED_MODEL) || $(MAKE) bench-export
 	$(PY) bench/arena_rss.py --model $(SERVED_MODEL) --out bench/results/arena.json
 
-bench: bench-train bench-export bench-explain bench-serving bench-metrics
+bench: bench-train bench-export bench-explain bench-serving bench-targets bench-metrics
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -14,10 +14,14 @@ Same machine, same model (the default Fashion-MNIST export), same load, one afte
   bench/.venv-triton) with Triton's dynamic batcher, over KServe V2 ModelInfer.
 
 Load comes from h2load (bench/h2grpc.py) with pre-serialised gRPC bodies, so the client costs
-the two cores as little as possible. Every run is bracketed by correctness passes with a real
-gRPC client (answers compared with ONNX Runtime in-process) and trusted only when the bytes
-h2load received match requests x the size of a correct answer. The Python load generator
-(`cnn-bench`) is run too, closed and open loop, for comparison.
+the two cores as little as possible; a stream scenario's call is one bidirectional stream of 4
+requests, all sent at once. Every run is bracketed by correctness passes with a real gRPC
+client (answers compared with ONNX Runtime in-process) and trusted only when the bytes h2load
+received match the answers it counts. The Python load generator (`cnn-bench`) is run against
+convserve too (closed loop, open loop, streams) for comparison.
+
+The targets themselves are judged by bench/serving_targets.py, which runs the systems they
+name side by side in rounds: one system after another, as here, cannot resolve 5%.
 
 Writes bench/results/serving.json, serving.md (tables with ratios to the ceiling and to each
 peer) and latency_throughput.png; when a target is missed it profiles convserve with py-spy
@@ -482,10 +486,7 @@ def measure(
     cpu0 = tree_cpu_seconds(proc.pid)
     client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, t0 = machine_busy_seconds(), time.monotonic()
-    if sc.kind == "unary":
-        out = _h2load(system, port, sc, messages, answer_bytes, args, tmp)
-    else:
-        out = _stream(system, target, sc, images.shape[1:], args, tmp)
+    out = _h2load(system, port, sc, messages, answer_bytes, args, tmp)
     client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy, wall = machine_busy_seconds() - busy0, time.monotonic() - t0
     server_cpu = tree_cpu_seconds(proc.pid) - cpu0
@@ -520,24 +521,38 @@ def _h2load(
     args: argparse.Namespace,
     tmp: Path,
 ) -> dict[str, Any]:
+    """h2load posts one call's framed messages per stream: a unary request, or for a stream
+    scenario `sc.messages` requests on one bidirectional stream (the server has the next one
+    before it answers the last)."""
     body = tmp / "body.bin"
     body.write_bytes(b"".join(h2grpc.frame(m) for m in messages))
     path = PATHS[(system.protocol, sc.kind)]
     r = h2grpc.run(port, path, body, sc.concurrency, args.duration, args.warmup, tmp / "h2.log")
     byte_ratio = r.data_bytes / max(1, r.done * answer_bytes)
+    if sc.kind == "unary":
+        # h2load counts a failed gRPC call (HTTP 200, status in trailers) as a success; a
+        # failed call carries no data, so the bytes received tell.
+        valid = abs(byte_ratio - 1) < 0.01
+        answered = r.done
+    else:
+        # Calls still open when the time is up have sent part of their answers: between
+        # 0 and `concurrency` calls' worth of bytes more than the finished calls hold. The
+        # answers are counted from the bytes (all answers to the same request are equal in
+        # size), so those cut-off calls count for what they did.
+        valid = r.done * answer_bytes <= r.data_bytes <= (r.done + sc.concurrency) * answer_bytes
+        answered = r.data_bytes * sc.messages / answer_bytes
     return {
         "client": "h2load",
-        "requests": r.done,
+        "requests": round(answered),
+        "calls": r.done,
         "failed": r.failed,
         "seconds": round(r.seconds, 3),
-        "requests_per_s": round(r.done / r.seconds, 1),
-        "images_per_s": round(r.done * sc.images / r.seconds, 1),
-        "latency_ms": r.latency_ms,
+        "requests_per_s": round(answered / r.seconds, 1),
+        "images_per_s": round(answered * sc.images / r.seconds, 1),
+        "latency_ms": r.latency_ms,  # per call: a whole stream of `sc.messages` requests
         "answer_bytes": answer_bytes,
         "received_bytes_ratio": round(byte_ratio, 4),
-        # h2load counts a failed gRPC call (HTTP 200, status in trailers) as a success;
-        # a failed call carries no data, so the bytes received tell.
-        "valid": r.failed == 0 and abs(byte_ratio - 1) < 0.01,
+        "valid": r.failed == 0 and valid,
         "command": r.command,
     }
 
@@ -553,54 +568,17 @@ def _cnn_bench(
     return cmd, proc
 
 
-def _stream(
-    system: System,
-    target: str,
-    sc: Scenario,
-    shape: tuple[int, ...],
-    args: argparse.Namespace,
-    tmp: Path,
-) -> dict[str, Any]:
-    """Streams are loaded by cnn-bench: `concurrency` streams, one message in flight on each
-    (at 32 images a message the Python client costs little)."""
-    out = tmp / "stream.json"
-    mode = "v2-stream" if system.protocol == "v2" else "stream"
-    extra = [
-        "--mode",
-        mode,
-        *(["--model", MODEL] if system.protocol == "v2" else []),
-        "--shape",
-        ",".join(map(str, shape)),
-        "--concurrency",
-        str(sc.concurrency),
-        "--images-per-request",
-        str(sc.images),
-    ]
-    cmd, proc = _cnn_bench(target, args, out, extra, timeout=600)
-    if not out.exists():
-        raise RuntimeError(f"cnn-bench failed:\n{proc.stdout}\n{proc.stderr}")
-    r = json.loads(out.read_text())
-    return {
-        "client": "cnn-bench",
-        "requests": r["requests"],
-        "failed": r["error_count"],
-        "seconds": r["duration_s"],
-        "requests_per_s": r["requests_per_s"],
-        "images_per_s": r["images_per_s"],
-        "latency_ms": r["latency_ms"],
-        "valid": r["error_count"] == 0,
-        "command": "cnn-bench " + " ".join(cmd[3:-2]),
-    }
-
-
 def python_client_runs(
-    target: str, args: argparse.Namespace, tmp: Path, c64_rps: float
+    target: str, args: argparse.Namespace, tmp: Path, c64_rps: float, shape: tuple[int, ...]
 ) -> list[dict]:
     """cnn-bench (the Python load generator) against convserve: closed loop at 64 in flight,
-    and open loop at half of what h2load measured there."""
+    open loop at half of what h2load measured there, and 8 streams with one 32-image message
+    in flight on each."""
     runs = []
     rate = max(50, round(0.5 * c64_rps, -1))
-    for extra in (["--concurrency", "64"], ["--rate", str(rate)]):
+    stream = ["--mode", "stream", "--concurrency", "8", "--images-per-request", "32"]
+    stream += ["--shape", ",".join(map(str, shape))]
+    for extra in (["--concurrency", "64"], ["--rate", str(rate)], stream):
         out = tmp / "cnn-bench.json"
         cmd, _ = _cnn_bench(target, args, out, extra, timeout=args.duration * 3 + 60)
         if out.exists():
@@ -738,11 +716,14 @@ def main() -> int:
                         and r["concurrency"] == 64
                         and r["images_per_request"] == 1
                     )
-                    python_runs = python_client_runs(target, args, tmp, c64["requests_per_s"])
+                    python_runs = python_client_runs(
+                        target, args, tmp, c64["requests_per_s"], images.shape[1:]
+                    )
                     for r in python_runs:
                         lat = r["latency_ms"]
                         print(
-                            f"  cnn-bench {r['loop']} loop: {r['requests_per_s']} req/s, "
+                            f"  cnn-bench {r['mode']}, {r['loop']} loop: "
+                            f"{r['requests_per_s']} req/s, {r['images_per_s']} img/s, "
                             f"p50 {lat['p50']} ms, p99 {lat['p99']} ms, errors {r['errors']}"
                         )
             own = bracket(before, ort_ceiling(model, images, BRACKET_S, (1, 32)))

@@ -141,9 +141,11 @@ def markdown(
         "",
         "### Servers under h2load",
         "",
-        "Unary scenarios are loaded by h2load; the stream scenario by `cnn-bench` (one message "
-        "in flight per stream; latency per message). `x ceiling` is images/s over the "
-        "batch-32 ceiling measured just before and after that system (their mean; "
+        "h2load sends every call. In the stream scenario each call is a bidirectional stream "
+        "of 4 requests, sent at once; its latency is the whole stream's, and its req/s and "
+        "images/s count the answers received (cut-off streams included). `x ceiling` is "
+        "images/s over the batch-32 ceiling measured just before and after that system (their "
+        "mean; "
         "`ceiling` column); `x triton` and `x naive` compare requests/s in the same scenario. "
         "`server CPU` is CPU time of all the server's processes per request; `other load` "
         "is how many cores anything else on the machine kept busy during the run (0 on a "
@@ -168,7 +170,13 @@ def markdown(
                 f"| {'ok' if r['valid'] else 'INVALID: bytes ' + str(r['received_bytes_ratio'])} |"
             )
     tg = targets(results, ceiling)
-    lines += ["", "### Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [
+        "",
+        "### Targets, this pass (one system after another; `make bench-targets` judges them)",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
     for t in tg:
         met = "yes" if t["met"] else "**no**"
         if t.get("goal_met") is not None:
@@ -179,13 +187,14 @@ def markdown(
             "",
             "### The Python load generator (`cnn-bench`) against convserve (1 worker)",
             "",
-            "| command | req/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| command | req/s | images/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in python_runs:
             lat = r["latency_ms"]
             lines.append(
-                f"| `{r['command']}` | {r['requests_per_s']:.0f} | {lat['p50']:.3f} "
+                f"| `{r['command']}` | {r['requests_per_s']:.0f} | {r['images_per_s']:.0f} "
+                f"| {lat['p50']:.3f} "
                 f"| {lat['p90']:.3f} | {lat['p99']:.3f} | {lat['max']:.2f} "
                 f"| {r['errors'] or 'none'} |"
             )
