@@ -95,10 +95,13 @@ bench-targets: install data $(TRITON_BENCH_VENV)/.installed  ## the serving targ
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/serving_targets.py --out-dir bench/results $(BENCH_TARGETS_ARGS)
 
-bench-cpu: install data  ## CPU per served request by thread and library (perf, system-wide); writes bench/results/cpu_breakdown.json
+bench-cpu: install data  ## CPU per served request by thread and library (perf, system-wide); writes bench/results/cpu_breakdown_{c1,32}.json
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	command -v perf >/dev/null || (apt-get update -qq && apt-get install -y -qq linux-perf)
-	$(PY) bench/cpu_breakdown.py $(BENCH_CPU_ARGS)
+	$(PY) bench/cpu_breakdown.py --scenario c1 --system naive --system convserve \
+		--out bench/results/cpu_breakdown_c1.json
+	$(PY) bench/cpu_breakdown.py --scenario 32 --system naive --system "convserve, 2 workers" \
+		--out bench/results/cpu_breakdown_32.json
 
 bench-metrics: install data  ## what metrics cost: server with and without them, interleaved A/B under h2load; writes bench/results/metrics_cost.json
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)

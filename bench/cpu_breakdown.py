@@ -16,7 +16,7 @@ microseconds of CPU per request, split by
     python bench/cpu_breakdown.py --system "convserve, 2 workers" --scenario 32
 
 Needs `perf` (Debian: linux-perf) and permission to record system-wide (root, or
-kernel.perf_event_paranoid <= 0). Writes bench/results/cpu_breakdown.json.
+kernel.perf_event_paranoid <= 0). Writes --out (default bench/results/cpu_breakdown.json).
 """
 
 from __future__ import annotations
