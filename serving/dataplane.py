@@ -96,7 +96,7 @@ class DataPlane:
         """Every image of a request -> one (N, C, H, W) uint8 array, or InvalidInput (or
         NeedsThread for an image declaring more than `inline_pixels`)."""
         n = len(images)
-        self._check_count(n)
+        self.check_count(n)
         out = np.empty((n, *mv.spec.shape), dtype=np.uint8)
         budget = PixelBudget(mv.spec)
         for i, img in enumerate(images):
@@ -109,7 +109,8 @@ class DataPlane:
                 raise InvalidInput(f"image {i}: {exc}") from None
         return out
 
-    def _check_count(self, n: int) -> None:
+    def check_count(self, n: int) -> None:
+        """InvalidInput unless a request's image count is within 1..max_images_per_request."""
         if n == 0:
             raise InvalidInput("request has no images")
         if n > self.limits.max_images_per_request:
@@ -120,9 +121,9 @@ class DataPlane:
     def stack_uint8(self, payloads: Sequence[bytes], mv: ModelVersion) -> np.ndarray | None:
         """The bytes of raw uint8 tensors already known to have the model's input shape
         (what bulk clients send) -> one (N, C, H, W) array, in one copy rather than one
-        validation and copy per image (about 10x faster at 32 images). None when a payload
+        validation and copy per image (about 6x faster at 32 images). None when a payload
         is not exactly one image long: `decode` then says which and why."""
-        self._check_count(len(payloads))
+        self.check_count(len(payloads))
         size = mv.spec.nbytes
         if any(len(b) != size for b in payloads):
             return None

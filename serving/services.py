@@ -215,6 +215,7 @@ class ClassifierServicer(_Servicer, pb_grpc.ClassifierServicer):
     ) -> tuple[np.ndarray, ModelVersion]:
         """The request's images as one uint8 batch for `mv`, or for the version that
         replaced it while a big decode waited on a thread."""
+        self.plane.check_count(len(request.images))  # before looking at any of them
         payloads = _uint8_payloads(request.images, mv.spec)
         rows = None if payloads is None else self.plane.stack_uint8(payloads, mv)
         if rows is not None:
