@@ -123,6 +123,7 @@ def test_wheel_without_extras_serves_from_a_fresh_venv_without_torch(model_repos
             assert pred.index == int(probs.argmax())
             assert pred.probability == pytest.approx(float(probs.max()), abs=1e-5)
         assert "convserve_requests_total" in server.metrics()
+        assert "uvloop event loop" in server.log()  # the image's pinned uvloop is used
     finally:
         assert server.stop() == 0, server.log()
 

@@ -597,6 +597,27 @@ def test_two_workers_share_the_port(model_repository, tmp_path, fashion_test):
         assert len(pids) == 2
 
 
+@pytest.mark.parametrize(
+    ("flag", "loop"), [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")]
+)
+def test_each_event_loop_serves_and_drains(
+    model_repository, tmp_path, fashion_test, ort_probs, flag, loop
+):
+    s = start_server(model_repository, tmp_path, "--event-loop", flag)
+    try:
+        # Health may say SERVING a moment before the "listening on" line is written.
+        deadline = time.monotonic() + 10
+        while "listening on" not in s.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"{loop} event loop" in s.log()  # auto: uvloop, a dependency on this platform
+        with Client(s.target) as c:
+            preds = c.predict(list(fashion_test.images[:8]), top_k=2)
+        assert [p.index for p in preds] == ort_probs[:8].argmax(1).tolist()
+    finally:
+        assert s.stop() == 0, s.log()
+    assert "stopped" in s.log()
+
+
 def test_serving_never_imports_torch():
     code = "import sys, serving.server, serving.client; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
