@@ -12,6 +12,7 @@ overhead above it.
 
     python bench/naive_server.py --model models/fashion-mnist/1/model.onnx --port 50061
     python bench/naive_server.py --model models/fashion-mnist/1/model.onnx --port 50062 --empty
+    python bench/naive_server.py ... --empty --event-loop uvloop   # the floor on cnn-serve's loop
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import onnxruntime as ort
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.runtime import RuntimeOptions, session_options
+from serving.server import loop_factory
 
 
 class Naive(pb_grpc.ClassifierServicer):
@@ -105,9 +107,17 @@ def main() -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061)
     p.add_argument("--empty", action="store_true", help="answer without running the model")
+    p.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="asyncio (what an afternoon's server runs on) or uvloop (cnn-serve's default), so "
+        "the empty server can price the loop convserve runs on",
+    )
     args = p.parse_args()
     servicer = (Empty if args.empty else Naive)(args.model)
-    asyncio.run(serve(servicer, args.host, args.port))
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        runner.run(serve(servicer, args.host, args.port))
     return 0
 
 

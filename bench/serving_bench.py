@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import h2grpc  # noqa: E402
 from serving_report import (  # noqa: E402
+    EMPTY_UV,
     METRICS_OFF,
     latency_throughput_figure,
     markdown,
@@ -410,6 +411,13 @@ def systems(model: Path, port: int, mport: int, skip_triton: bool) -> list[Syste
             "empty grpc.aio",
             "convserve",
             [*naive, "--empty"],
+            SINGLE[:1] + SINGLE[-1:],
+            checks_answers=False,
+        ),
+        System(
+            EMPTY_UV,
+            "convserve",
+            [*naive, "--empty", "--event-loop", "uvloop"],
             SINGLE[:1] + SINGLE[-1:],
             checks_answers=False,
         ),

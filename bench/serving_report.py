@@ -19,6 +19,7 @@ OURS = (
     "convserve, no batching, 2 workers",
 )
 TRITON, NAIVE, EMPTY = "triton (pytriton)", "naive", "empty grpc.aio"
+EMPTY_UV = "empty grpc.aio, uvloop"  # the same floor on the loop cnn-serve runs on
 METRICS_OFF = "convserve, metrics off"  # not a configuration we ship: the metrics baseline
 
 
@@ -109,13 +110,20 @@ def targets(results: list[dict], ceiling: dict[str, Any]) -> list[dict]:
         compute = _compute(c1, ceiling)
         p50, floor = c1["latency_ms"]["p50"], empty["latency_ms"]["p50"]
         raw = "met" if p50 <= compute + 0.3 else "not met"
+        uv = _get(results, EMPTY_UV, "1 image, c1")
+        strict = (
+            f"; above the empty server on uvloop ({uv['latency_ms']['p50']:.3f} ms): "
+            f"{p50 - uv['latency_ms']['p50'] - compute:.3f} ms"
+            if uv
+            else ""
+        )
         out.append(
             {
                 "target": f"concurrency 1 ({name}): p50 above the empty grpc.aio server "
                 "<= ORT batch-1 compute + 0.3 ms",
                 "measured": f"p50 {p50:.3f} ms = empty server {floor:.3f} + {p50 - floor:.3f} ms;"
                 f" ORT batch-1 compute {compute:.3f} ms, so {p50 - floor - compute:.3f} ms of"
-                f" overhead (raw p50 <= compute + 0.3 ms: {raw})",
+                f" overhead{strict} (raw p50 <= compute + 0.3 ms: {raw})",
                 "met": p50 - floor <= compute + 0.3,
             }
         )

@@ -7,8 +7,8 @@ the systems the targets name are started at the same time on their own ports (id
 the one under load; their CPU while idle is recorded), and each round measures, back to
 back:
 
-- concurrency 1: the ORT batch-1 ceiling, the empty grpc.aio server, the naive server and
-  convserve (1 and 2 workers), the ceiling again;
+- concurrency 1: the ORT batch-1 ceiling, the empty grpc.aio server (on asyncio's loop and
+  on uvloop), the naive server and convserve (1 and 2 workers), the ceiling again;
 - concurrency 64: the naive server, Triton's core and convserve (1 and 2 workers);
 - 32-image requests and streams (4 requests of 32 images on each of 8 streams) from
   convserve, each between two batch-32 ceilings.
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import h2grpc  # noqa: E402
 import serving_bench as sb  # noqa: E402
-from serving_report import EMPTY, NAIVE, TRITON  # noqa: E402
+from serving_report import EMPTY, EMPTY_UV, NAIVE, TRITON  # noqa: E402
 
 ONE = "convserve"
 TWO = "convserve, 2 workers"
@@ -123,6 +123,18 @@ def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     )
     naive = [r["c1"][NAIVE]["overhead_ms"] for r in rounds]
     out[-1]["naive_overhead_ms"] = summary(naive, [v <= 0.3 for v in naive])
+    strict = [r["c1"][best]["overhead_uvloop_ms"] for r in rounds]
+    s = summary(strict, [v <= 0.3 for v in strict])
+    out.append(
+        {
+            "target": "(stricter) concurrency 1: p50 above the empty grpc.aio server on "
+            "uvloop <= ORT batch-1 compute + 0.3 ms",
+            "system": best,
+            **s,
+            "unit": "ms over compute",
+            "met": s["median"] <= 0.3,
+        }
+    )
     return out
 
 
@@ -144,15 +156,18 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += ["", "Per round (each row measured back to back):", ""]
     lines += [
-        "| round | ORT batch 1 ms | c1 p50 ms: empty / naive / convserve / 2 workers "
-        "| c1 ms over compute: naive / convserve | c64 req/s: naive / Triton / convserve / "
+        "| round | ORT batch 1 ms | c1 p50 ms: empty / empty on uvloop / naive / convserve / "
+        "2 workers "
+        "| c1 ms over compute: naive / convserve / convserve above the uvloop floor "
+        "| c64 req/s: naive / Triton / convserve / "
         "2 workers | 32 images x ceiling: 1 / 2 workers | stream x ceiling: 1 / 2 workers |",
         "|---:|---:|---|---|---|---|---|",
     ]
     for i, r in enumerate(doc["rounds"], 1):
         c1, c64 = r["c1"], r["c64"]
-        p50 = " / ".join(f"{c1[s]['p50_ms']:.3f}" for s in (EMPTY, NAIVE, ONE, TWO))
+        p50 = " / ".join(f"{c1[s]['p50_ms']:.3f}" for s in (EMPTY, EMPTY_UV, NAIVE, ONE, TWO))
         over = " / ".join(f"{c1[s]['overhead_ms']:.3f}" for s in (NAIVE, ONE))
+        over += f" / {c1[ONE]['overhead_uvloop_ms']:.3f}"
         rps = " / ".join(
             f"{c64[s]['requests_per_s']:.0f}" if s in c64 else "-"
             for s in (NAIVE, TRITON, ONE, TWO)
@@ -163,7 +178,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {i} | {c1['compute_ms']:.3f} | {p50} | {over} | {rps} | {bulk} | {stream} |"
         )
     idle = max((run["idle_others_cpu_cores"] for run in doc["runs"]), default=0.0)
-    c1 = next(t for t in doc["targets"] if t["target"].startswith("concurrency 1"))
+    c1 = next(t for t in doc["targets"] if "naive_overhead_ms" in t)
     naive = c1["naive_overhead_ms"]
     lines += [
         "",
@@ -196,7 +211,7 @@ def main() -> int:
     expected = sess.run(["probabilities"], {"images": images[:1024]})[0]
     del sess
     info = sb.machine()
-    wanted = (EMPTY, NAIVE, TRITON, ONE, TWO)
+    wanted = (EMPTY, EMPTY_UV, NAIVE, TRITON, ONE, TWO)
     # Each system on ports of its own, built by bench-serving's own table.
     chosen: dict[str, tuple[sb.System, int]] = {}
     for name in wanted:
@@ -253,14 +268,20 @@ def main() -> int:
 
             rnd: dict[str, Any] = {"c1": {}, "c64": {}, "bulk32": {}, "stream": {}}
             before = ceiling(model, images, 1)
-            c1 = {n: run(n, C1) for n in turn([EMPTY, NAIVE, ONE, TWO])}
+            c1 = {n: run(n, C1) for n in turn([EMPTY, EMPTY_UV, NAIVE, ONE, TWO])}
             compute = (before + ceiling(model, images, 1)) / 2
             rnd["c1"]["compute_ms"] = round(compute, 4)
             for n, r in c1.items():
                 p50 = r["latency_ms"]["p50"]
                 rnd["c1"][n] = {
                     "p50_ms": p50,
+                    # DESIGN: above the empty grpc.aio server (asyncio's loop, what an
+                    # afternoon's server runs on); and, stricter, above the same server on
+                    # uvloop, the loop cnn-serve runs on.
                     "overhead_ms": round(p50 - c1[EMPTY]["latency_ms"]["p50"] - compute, 4),
+                    "overhead_uvloop_ms": round(
+                        p50 - c1[EMPTY_UV]["latency_ms"]["p50"] - compute, 4
+                    ),
                 }
             for n in turn([x for x in (NAIVE, TRITON, ONE, TWO) if x in chosen]):
                 rnd["c64"][n] = {"requests_per_s": run(n, C64)["requests_per_s"]}
