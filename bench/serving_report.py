@@ -270,6 +270,7 @@ CATEGORIES = (
     ("numpy", ("numpy",)),
     ("convserve: serving/", ("serving/",)),
     ("asyncio event loop", ("asyncio/", "selectors")),
+    ("uvloop event loop", ("uvloop", "loop.c", "libuv")),
 )
 
 
@@ -288,6 +289,7 @@ def _module(frame: str) -> str:
 
 WAITS = (
     "epoll_wait",
+    "epoll_pwait",  # libuv's (uvloop) idle wait
     "poll",
     "select",
     "pthread_cond_timedwait",
