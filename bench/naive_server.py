@@ -30,7 +30,7 @@ import onnxruntime as ort
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.runtime import RuntimeOptions, session_options
-from serving.server import loop_factory
+from serving.server import loop_runner
 
 
 class Naive(pb_grpc.ClassifierServicer):
@@ -116,8 +116,7 @@ def main() -> int:
     )
     args = p.parse_args()
     servicer = (Empty if args.empty else Naive)(args.model)
-    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
-        runner.run(serve(servicer, args.host, args.port))
+    loop_runner(args.event_loop)(serve(servicer, args.host, args.port))
     return 0
 
 

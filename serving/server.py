@@ -16,9 +16,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -564,23 +565,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
-def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop to serve on. uvloop runs the loop's machinery (callbacks, futures,
-    polling) in C: single-image requests at concurrency 1 took 0.12 ms less (p50) and 13%
-    less CPU, and 64 in flight on 2 workers got 11% more requests/s; 32-image requests,
-    where ORT dominates, did not change (BENCHMARKS.md). None: asyncio's own."""
+def loop_runner(kind: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """What runs the server's coroutine: uvloop.run or asyncio.run. uvloop runs the loop's
+    machinery (callbacks, futures, polling) in C: single-image requests at concurrency 1 took
+    0.12 ms less (p50) and 13% less CPU, and 64 in flight on 2 workers got 11% more
+    requests/s; 32-image requests, where ORT dominates, did not gain (BENCHMARKS.md)."""
     if kind not in EVENT_LOOPS:
         raise ValueError(f"event loop must be one of {EVENT_LOOPS}, got {kind!r}")
     if kind == "asyncio":
-        return None
+        return asyncio.run
     try:
         import uvloop
     except ImportError:
         if kind == "uvloop":
             raise
         log.info("uvloop is not installed: serving on asyncio's own event loop")
-        return None
-    return uvloop.new_event_loop
+        return asyncio.run
+    return uvloop.run
 
 
 def run_single(config: ServerConfig) -> int:
@@ -598,8 +599,7 @@ def run_single(config: ServerConfig) -> int:
     if config.metrics_port:
         start_http_server(config.metrics_port, config.metrics_host, registry)
     try:
-        with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-            return runner.run(serve(config, registry))
+        return loop_runner(config.event_loop)(serve(config, registry))
     except (DeviceUnavailable, OSError, TLSError, TokenFileError) as exc:
         log.error("cannot start: %s", exc)
         return 3
