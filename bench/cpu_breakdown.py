@@ -138,15 +138,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
             with sb.started(system, port, tmp / "log") as proc:
-                msgs = sb.request_messages(system.protocol, sc, images)
                 target = f"127.0.0.1:{port}"
-
-                def probe(system=system, msgs=msgs, target=target) -> None:
-                    resp = sb.call(target, system.protocol, sc, msgs)
-                    sb.check_answers(system.protocol, sc, resp, expected, system.checks_answers)
-
+                probe = sb.answer_probe(system, target, sc, images, expected)
                 sb.wait_ready(system, proc, tmp / "log", probe, timeout=120)
                 body = tmp / "body.bin"
+                msgs = sb.request_messages(system.protocol, sc, images)
                 body.write_bytes(b"".join(h2grpc.frame(m) for m in msgs))
                 path = sb.PATHS[(system.protocol, sc.kind)]
                 cmd = h2grpc.command("127.0.0.1", port, path, body, sc.concurrency)

@@ -82,13 +82,7 @@ def main() -> None:
             for name in order:
                 system = systems[name]
                 with sb.started(system, port, tmp / "server.log") as proc:
-                    first = system.scenarios[0]
-                    msgs = sb.request_messages(system.protocol, first, images)
-
-                    def probe(system=system, first=first, msgs=msgs) -> None:
-                        resp = sb.call(target, system.protocol, first, msgs)
-                        sb.check_answers(system.protocol, first, resp, expected, True)
-
+                    probe = sb.answer_probe(system, target, system.scenarios[0], images, expected)
                     sb.wait_ready(system, proc, tmp / "server.log", probe, timeout=120)
                     for sc in scenarios:
                         r = sb.measure(system, proc, target, port, sc, images, expected, args, tmp)

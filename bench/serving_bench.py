@@ -363,6 +363,20 @@ def started(system: System, port: int, log: Path) -> Iterator[subprocess.Popen]:
             proc.wait()
 
 
+def answer_probe(
+    system: System, target: str, sc: Scenario, images: np.ndarray, expected: np.ndarray
+) -> Callable[[], None]:
+    """One call of `sc` to `system` whose answers must match ORT in-process (only their
+    shape for a system that answers without looking): for wait_ready, or a check after load."""
+    messages = request_messages(system.protocol, sc, images)
+
+    def probe() -> None:
+        responses = call(target, system.protocol, sc, messages)
+        check_answers(system.protocol, sc, responses, expected, system.checks_answers)
+
+    return probe
+
+
 def wait_ready(
     system: System, proc: subprocess.Popen, log: Path, probe: Callable[[], None], timeout: float
 ) -> None:
@@ -695,13 +709,7 @@ def main() -> int:
             first_result = len(results)
             t0 = time.monotonic()
             with started(system, port, log) as proc:
-                first = system.scenarios[0]
-                msgs = request_messages(system.protocol, first, images)
-
-                def probe(system=system, first=first, msgs=msgs) -> None:
-                    resp = call(target, system.protocol, first, msgs)
-                    check_answers(system.protocol, first, resp, expected, system.checks_answers)
-
+                probe = answer_probe(system, target, system.scenarios[0], images, expected)
                 wait_ready(system, proc, log, probe, timeout=120)
                 print(f"== {system.name} (ready in {time.monotonic() - t0:.1f}s)", flush=True)
                 for sc in system.scenarios:

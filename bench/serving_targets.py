@@ -227,14 +227,8 @@ def main() -> int:
         for name, (system, port) in chosen.items():
             log = tmp / f"{len(procs)}.log"
             procs[name] = stack.enter_context(sb.started(system, port, log))
-            first = system.scenarios[0]
-            msgs = sb.request_messages(system.protocol, first, images)
             target = f"127.0.0.1:{port}"
-
-            def probe(system=system, first=first, msgs=msgs, target=target) -> None:
-                resp = sb.call(target, system.protocol, first, msgs)
-                sb.check_answers(system.protocol, first, resp, expected, system.checks_answers)
-
+            probe = sb.answer_probe(system, target, system.scenarios[0], images, expected)
             sb.wait_ready(system, procs[name], log, probe, timeout=120)
             print(f"{name} ready on {target}", flush=True)
 
