@@ -589,13 +589,17 @@ def run_single(config: ServerConfig) -> int:
     from prometheus_client import REGISTRY, start_http_server
 
     from serving.errors import DeviceUnavailable
-    from serving.workers import WORKER_ENV
+    from serving.workers import MULTIPROC_ENV, WORKER_ENV, fresh_multiproc_dir
 
     registry = REGISTRY
     if os.environ.get(WORKER_ENV):
         # Multiprocess mode: values go to files the parent aggregates; no listener here.
         config = replace(config, reuse_port=True, metrics_port=0, port=int(os.environ[WORKER_ENV]))
         registry = CollectorRegistry()
+    elif os.environ.get(MULTIPROC_ENV):
+        # One server with the variable set (an image or a manifest that also runs --workers N):
+        # prometheus_client writes its values there, so the folder must exist, and be empty.
+        fresh_multiproc_dir(os.environ[MULTIPROC_ENV])
     if config.metrics_port:
         start_http_server(config.metrics_port, config.metrics_host, registry)
     try:

@@ -71,13 +71,26 @@ def _forward(workers: list[subprocess.Popen], sig: signal.Signals) -> None:
             w.send_signal(sig)
 
 
-def run_workers(config: ServerConfig) -> int:
-    """The parent process of a multi-worker server."""
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def fresh_multiproc_dir(given: str | None) -> Path:
+    """The Prometheus multiprocess folder, made empty: the operator's (`given`) or a new one.
+
+    prometheus_client only writes into this folder, it never makes it, and files a previous
+    run left would be summed into this one's figures. A server started with the variable set
+    must call this before its first metric exists, one worker or several."""
     mp_dir = Path(given or tempfile.mkdtemp(prefix="convserve-prom-"))
     shutil.rmtree(mp_dir, ignore_errors=True)
     mp_dir.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp_dir)
+    return mp_dir
+
+
+def run_workers(config: ServerConfig) -> int:
+    """The parent process of a multi-worker server."""
+    given = os.environ.get(MULTIPROC_ENV)
+    mp_dir = fresh_multiproc_dir(given)
+    os.environ[MULTIPROC_ENV] = str(mp_dir)
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     stopping = threading.Event()

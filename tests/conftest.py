@@ -7,9 +7,13 @@ The names are a contract between test files (export, serving, metrics, client):
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.serving_helpers import ROOT
 
 # A small stride-2 CNN: two epochs reach about 0.89 test accuracy in well under a minute on
 # 2 CPU cores (no augmentation, no EMA, plain NCHW; the validation split picks best.pt).
@@ -52,3 +56,21 @@ def model_repository(fashion_run, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("models")
     export_checkpoint(fashion_run, repo, "fashion-mnist", version=1, optimize=True, int8=True)
     return repo
+
+
+TRITON_VENV = ROOT / ".venv-tritonclient"
+
+
+@pytest.fixture(scope="session")
+def tritonclient_python() -> str:
+    """tritonclient lives in its own venv (it ships its own `inference` protos and wants
+    protobuf < 7); `make test` creates it, and so does this fixture when it is missing."""
+    python = TRITON_VENV / "bin" / "python"
+    if not (TRITON_VENV / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(TRITON_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]==2.73.0", "numpy"],
+            check=True,
+        )
+        (TRITON_VENV / ".installed").touch()
+    return str(python)

@@ -5,7 +5,6 @@ counts and drops its live gauges."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -16,10 +15,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -29,12 +27,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from tests.serving_helpers import ROOT, ServerProcess, free_port, metric_value, running_server
+from tests.serving_helpers import (
+    PROMETHEUS_DIR,
+    ROOT,
+    RULE_FILES,
+    Prometheus,
+    ServerProcess,
+    codes_of,
+    metric_value,
+    running_server,
+    wait_for,
+)
 
 MODEL = "fashion-mnist"
-PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "convserve.json"
-RULE_FILES = sorted(PROMETHEUS_DIR.glob("rules/*.yml"))
 PROCESS_GAUGES = (
     "convserve_process_cpu_seconds",
     "convserve_process_resident_memory_bytes",
@@ -42,22 +48,10 @@ PROCESS_GAUGES = (
 )
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 20.0, every: float = 0.2) -> Any:
-    """Poll `fn` until it returns something truthy; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if result := fn():
-                return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
-
-
 # ----------------------------------------------------------------------------- promtool
 def promtool(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("promtool")
-    assert exe, "promtool is missing: `apt-get install prometheus` (.ci/run installs it)"
+    assert exe, "promtool is missing: `apt-get install prometheus` (`make test` installs it)"
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 
@@ -193,87 +187,6 @@ def requests_by_method_code(text: str) -> dict[tuple[str, str], int]:
 
 def worker_pids(text: str, gauge: str) -> set[str]:
     return {lab["pid"] for lab, _ in samples(text, gauge)}
-
-
-# ----------------------------------------------------------------------------- a real Prometheus
-class Prometheus:
-    """A real `prometheus` process scraping one target every second, with our rule files."""
-
-    def __init__(self, tmp: Path, target: str):
-        exe = shutil.which("prometheus")
-        assert exe, "prometheus is missing: `apt-get install prometheus` (.ci/run installs it)"
-        config = {  # JSON is YAML
-            "global": {
-                "scrape_interval": "1s",
-                "scrape_timeout": "1s",
-                "evaluation_interval": "1s",
-            },
-            "rule_files": [str(p) for p in RULE_FILES],
-            "scrape_configs": [
-                {"job_name": "convserve", "static_configs": [{"targets": [target]}]}
-            ],
-        }
-        (tmp / "prometheus.yml").write_text(json.dumps(config))
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = tmp / "prometheus.log"
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [
-                    exe,
-                    f"--config.file={tmp / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={tmp / 'data'}",
-                    f"--web.listen-address={self.url.removeprefix('http://')}",
-                    "--log.level=warn",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def get(self, path: str, **params: str) -> Any:
-        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        with urllib.request.urlopen(url, timeout=5) as r:
-            body = r.read().decode()
-        return json.loads(body) if path.startswith("/api/") else body
-
-    def query(self, expr: str) -> list[dict]:
-        try:
-            out = self.get("/api/v1/query", query=expr)
-        except urllib.error.HTTPError as exc:
-            if exc.code in (400, 422):  # a bad query: say why, and do not retry
-                raise AssertionError(f"{expr}: {exc.read().decode()}") from None
-            raise
-        assert out["status"] == "success", out
-        return out["data"]["result"]
-
-    def value(self, expr: str) -> float:
-        (result,) = self.query(expr)
-        return float(result["value"][1])
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.proc.poll() is None, self.log_path.read_text()
-            return "Ready" in self.get("/-/ready")
-
-        wait_for("Prometheus /-/ready", ready, timeout=30)
-        targets = lambda: self.get("/api/v1/targets")["data"]["activeTargets"]  # noqa: E731
-        wait_for("the target to be up", lambda: any(t["health"] == "up" for t in targets()))
-        wait_for("a first stored scrape", lambda: self.query('up{job="convserve"} == 1'))
-
-    def wait_scrapes_after(self, t: float, scrapes: int = 2) -> None:
-        """Until `scrapes` scrapes (1 s apart) have started after `t`, a time.time() value
-        (a sample's timestamp is the wall-clock time its scrape started)."""
-        wait_for(
-            f"{scrapes} scrapes after the workload",
-            lambda: self.value('timestamp(up{job="convserve"})') > t + scrapes - 1,
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @dataclass
@@ -441,6 +354,27 @@ def per_worker(mp_dir: Path, kind: str, name: str) -> dict[str, float]:
             s.value for f in fams for s in f.samples if s.name == name
         )
     return out
+
+
+def test_one_server_with_the_multiprocess_variable_makes_its_folder_and_serves_metrics(
+    model_repository, tmp_path
+):
+    """The serving image and the Kubernetes Deployment once set PROMETHEUS_MULTIPROC_DIR with
+    one worker: prometheus_client then writes into a folder nobody made, and the server died
+    at its first metric. Files a previous run left are wiped, as `--workers N` does."""
+    mp_dir = tmp_path / "not-made-yet" / "prom"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
+    with running_server(model_repository, tmp_path, env=env) as s:
+        w = Workload(ok=3, invalid=0, not_found=0, model_info=0)
+        with new_channel(s.target) as ch:
+            w.send(pb_grpc.ClassifierStub(ch))
+        text = s.metrics()
+        assert codes_of(text) == {"OK": 3}
+        assert metric_value(text, "convserve_models_loaded") == 1
+        assert list(mp_dir.glob("counter_*.db"))
+    first = {f.name for f in mp_dir.iterdir()}
+    with running_server(model_repository, tmp_path, env=env) as s:
+        assert not first & {f.name for f in mp_dir.iterdir()}  # the last run's files wiped
 
 
 def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_repository, tmp_path):

@@ -24,7 +24,7 @@ from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from tests.serving_helpers import ROOT, metric_value, running_server, start_server
+from tests.serving_helpers import ROOT, TRITON_SCRIPT, metric_value, running_server, start_server
 from trainer.data import load_dataset
 
 MODEL = "fashion-mnist"
@@ -45,24 +45,6 @@ def ort_probs(version_dir, fashion_test):
     """Probabilities of the first 1000 test images from ONNX Runtime in-process."""
     sess = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     return sess.run(["probabilities"], {"images": fashion_test.images[:1000]})[0]
-
-
-TRITON_VENV = ROOT / ".venv-tritonclient"
-
-
-@pytest.fixture(scope="session")
-def tritonclient_python() -> str:
-    """tritonclient lives in its own venv (it ships its own `inference` protos and wants
-    protobuf < 7); `make test` creates it, and so does this fixture when it is missing."""
-    python = TRITON_VENV / "bin" / "python"
-    if not (TRITON_VENV / ".installed").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TRITON_VENV)], check=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]==2.73.0", "numpy"],
-            check=True,
-        )
-        (TRITON_VENV / ".installed").touch()
-    return str(python)
 
 
 @pytest.fixture(scope="module")
@@ -262,24 +244,6 @@ def test_v2_metadata_and_readiness(server):
     assert meta.platform == "onnxruntime_onnx" and list(meta.versions) == ["1"]
     assert meta.inputs[0].datatype == "UINT8" and list(meta.inputs[0].shape) == [-1, 1, 28, 28]
     assert stub.ServerMetadata(v2.ServerMetadataRequest()).name == "convserve"
-
-
-TRITON_SCRIPT = r"""
-import json, sys
-import numpy as np
-import tritonclient.grpc as grpcclient
-x = np.load(sys.argv[2])
-c = grpcclient.InferenceServerClient(sys.argv[1])
-assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(sys.argv[3])
-inp = grpcclient.InferInput("images", list(x.shape), "UINT8")
-inp.set_data_from_numpy(x)
-out = [grpcclient.InferRequestedOutput("probabilities"),
-       grpcclient.InferRequestedOutput("logits", class_count=3)]
-r = c.infer(sys.argv[3], [inp], outputs=out)
-np.save(sys.argv[4], r.as_numpy("probabilities"))
-print(json.dumps({"top": [s.decode() for s in r.as_numpy("logits")[0]],
-                  "meta": c.get_model_metadata(sys.argv[3], as_json=True)}))
-"""
 
 
 def test_tritonclient_gets_the_same_probabilities_as_onnx_runtime(
