@@ -454,6 +454,15 @@ class ModelRepository:
         batcher = Batcher(
             run, self.batching, executor, self.events.observer(name, version), f"{name}:{version}"
         )
+        # Once per version: its insight session, if any, fell back for the same reason.
+        if session.fallback:
+            log.warning(
+                "FALLBACK: %s version %d: %s; serving on %s",
+                name,
+                version,
+                session.fallback,
+                session.provider,
+            )
         log.info(
             "loaded %s version %d (%s, %s) in %.2fs",
             name,

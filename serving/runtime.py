@@ -1,8 +1,9 @@
 """ONNX Runtime sessions: execution providers, fallback detection, session options, warm-up.
 
 ONNX Runtime silently falls back to the CPU when the CUDA provider cannot load. We compare
-the providers a session actually got with those we asked for: `auto` logs the fallback
-loudly and reports the active provider everywhere; an explicit `cuda` fails at start-up.
+the providers a session actually got with those we asked for: `auto` records the fallback
+(the repository logs it once per version) and reports the active provider everywhere; an
+explicit `cuda` fails at start-up. `auto` asks for CUDA only where one probe found it loads.
 Models are loaded from bytes held in memory, so a version folder deleted or replaced under
 a running server cannot change what it serves. External data is never read: ORT resolves an
 external-data `location` of a model loaded from bytes against the process's working directory
@@ -12,14 +13,18 @@ folder at an empty private directory, where every reference fails.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.datasets import get_example
 
 from serving.errors import DeviceUnavailable, InferenceFailed
 
@@ -80,6 +85,47 @@ def _preload_cuda_libraries() -> None:
             log.debug("onnxruntime.preload_dlls() failed: %s", exc)
 
 
+ORT_DEFAULT_LOGGER_SEVERITY = 2  # WARNING: ORT's own default; it has no getter to restore from
+ORT_FATAL = 4
+
+
+@functools.cache
+def cuda_load_failure(device_id: int) -> str | None:
+    """Why ONNX Runtime cannot start its CUDA provider on GPU `device_id` here, or None if it can.
+
+    onnxruntime-gpu lists CUDA as available even where libcudart or the GPU is missing, and
+    a session that asks for it then falls back after ORT's default logger prints a red
+    `[E:onnxruntime...]` line (plain text, whatever --log-format says) for every session.
+    So `auto` asks once, with a session of ORT's own one-node example and that logger
+    silenced for the probe only: it runs before the first `auto` session opens, so no
+    message about a model of ours can be lost (a model that fails still raises, and the
+    repository logs it). preload_dlls print()s each library it cannot load; their names
+    become our reason instead of lines on stdout.
+    """
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _preload_cuda_libraries()
+    so = ort.SessionOptions()
+    so.log_severity_level = ORT_FATAL
+    ort.set_default_logger_severity(ORT_FATAL)
+    try:
+        probe = ort.InferenceSession(
+            get_example("mul_1.onnx"),
+            sess_options=so,
+            providers=[(CUDA, {"device_id": str(device_id)}), (CPU, {})],
+        )
+    finally:
+        ort.set_default_logger_severity(ORT_DEFAULT_LOGGER_SEVERITY)
+    if probe.get_providers()[0] == CUDA:
+        return None
+    log.debug("CUDA probe: preload_dlls printed %r", printed.getvalue())
+    missing = re.findall(r"^Failed to load (\S+):", printed.getvalue(), re.MULTILINE)
+    if missing:
+        names = ", ".join(os.path.basename(m) for m in missing)
+        return f"{CUDA} failed to load (cannot load {names})"
+    return f"{CUDA} failed to load (no GPU, or missing CUDA/cuDNN libraries)"
+
+
 def session_options(opts: RuntimeOptions) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.intra_op_threads
@@ -121,35 +167,36 @@ class Session:
     def __init__(self, model_bytes: bytes, opts: RuntimeOptions, label: str = "model"):
         self.requested_device = opts.device
         wanted = requested_providers(opts.device)
-        available = set(ort.get_available_providers())
-        if any(p in (CUDA, TENSORRT) for p, _ in wanted):
-            _preload_cuda_libraries()
-        providers = [(p, o) for p, o in wanted if p in available] or [(CPU, {})]
+        first_wanted = wanted[0][0]
+        built = set(ort.get_available_providers())
+        usable, known_failure = set(built), None
+        if opts.device == "auto" and CUDA in built:
+            known_failure = cuda_load_failure(_device_id(opts.device))
+            if known_failure:
+                usable.discard(CUDA)
+        elif first_wanted in (CUDA, TENSORRT):
+            _preload_cuda_libraries()  # explicit: ORT's own messages say why it cannot load
+        providers = [(p, o) for p, o in wanted if p in usable] or [(CPU, {})]
         self.session = ort.InferenceSession(
             model_bytes, sess_options=session_options(opts), providers=providers
         )
         active = self.session.get_providers()
         self.provider = active[0]
-        first_wanted = wanted[0][0]
+        # Why this session runs on another provider than the first it wanted (None: it did not).
+        self.fallback: str | None = None
         if self.provider != first_wanted:
-            reason = (
-                f"{first_wanted} is not available in this onnxruntime build"
-                if first_wanted not in available
-                else f"{first_wanted} failed to load (missing CUDA/cuDNN libraries or no GPU)"
-            )
+            if first_wanted not in built:
+                reason = f"{first_wanted} is not available in this onnxruntime build"
+            else:
+                reason = known_failure or (
+                    f"{first_wanted} failed to load (missing CUDA/cuDNN libraries or no GPU)"
+                )
             if opts.device != "auto":
                 raise DeviceUnavailable(
                     f"--device {opts.device} was requested but {reason}; "
                     f"ONNX Runtime would run {label} on {self.provider}"
                 )
-            log.warning(
-                "FALLBACK: --device auto wanted %s for %s but %s; serving on %s",
-                first_wanted,
-                label,
-                reason,
-                self.provider,
-            )
-        self.fallback = self.provider != first_wanted
+            self.fallback = f"--device auto wanted {first_wanted} but {reason}"
         self.on_gpu = self.provider in (CUDA, TENSORRT)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
