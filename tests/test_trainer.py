@@ -131,12 +131,20 @@ def test_erasing_fills_a_rectangle_with_the_mean():
 
 
 # ----------------------------------------------------------------------------- training
+# Measured over seeds 0-19 with 1 and 2 torch threads (40 runs): with FAST's 2,000 training
+# images test accuracy ran 0.418-0.712 and failed a 3/6 bar in 14 runs; with 3,000 it runs
+# 0.552-0.862 (mean 0.72) and the last/first loss ratio 0.51-0.75. The bar sits 0.10 below
+# the worst run and at 2.7x chance (1/6); the loss bar 0.05 above the worst ratio.
+SHAPES_LEARN = [*FAST, "data.shapes_train=3000"]
+SHAPES_ACCURACY_BAR = 0.45
+
+
 def test_loss_decreases_and_accuracy_beats_chance_on_shapes(tmp_path):
     t0 = time.monotonic()
-    result = fit(load_recipe("shapes", FAST), tmp_path / "run", quiet=True)
+    result = fit(load_recipe("shapes", SHAPES_LEARN), tmp_path / "run", quiet=True)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0] * 0.8
-    assert result.test_accuracy > 3 / 6  # chance is 1/6
+    assert result.test_accuracy > SHAPES_ACCURACY_BAR
     assert time.monotonic() - t0 < 300  # a sanity guard, not a speed assertion
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(saved["per_class_accuracy"]) == {
