@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install proto data demo test fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-targets bench-cpu bench-metrics bench-arena overload soak clean
+.PHONY: install system-deps images proto data demo test fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-targets bench-cpu bench-metrics bench-arena overload soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,16 @@ $(CHECKOV_VENV)/.installed:
 	$(CHECKOV_VENV)/bin/pip install -q 'checkov==3.3.30'
 	touch $@
 
-test: install data $(TRITON_VENV)/.installed $(CHECKOV_VENV)/.installed  ## the whole test suite
+system-deps:  ## the Debian packages the tests run (prometheus, chromium, podman...): apt as root, else the command to run
+	bash scripts/system-deps.sh
+
+# Build the CPU images (serving, trainer) with docker or podman, whichever answers. Settings
+# are scripts/images.sh's: LOCAL_BASE=1 (bases from Debian packages), PYTHON_IMAGE, PIP_CA,
+# TORCH_WHEEL, ENGINE, TAG.
+images:  ## build the CPU serving and trainer images (docker or podman)
+	bash scripts/images.sh serving train
+
+test: system-deps install data $(TRITON_VENV)/.installed $(CHECKOV_VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
 
 FUZZ_SECONDS ?= 120
