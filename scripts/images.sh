@@ -15,9 +15,12 @@
 #                 so no layer keeps it
 #   TORCH_WHEEL   a torch wheel the trainer image installs instead of asking PyTorch's index
 #   TAG           image tag (default 0.1.0)
-# With podman, CONTAINERS_CONF defaults to deploy/podman/containers.conf (runc, rlimits).
+# With podman on a cgroup v1 host, CONTAINERS_CONF defaults to deploy/podman/containers.conf
+# (runc, rlimits: what such hosts need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tar=""
+trap 'rm -f deploy/docker/wheels/torch-*.whl ${tar:+"$tar"}' EXIT
 
 TAG=${TAG:-0.1.0}
 targets=("$@")
@@ -29,14 +32,16 @@ if [ -z "${ENGINE:-}" ]; then
   done
 fi
 [ -n "${ENGINE:-}" ] || { echo "no container engine answers (docker info, podman info)" >&2; exit 1; }
-if [ "$ENGINE" = podman ]; then export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}; fi
+if [ "$ENGINE" = podman ] && [ "$(stat -fc %T /sys/fs/cgroup)" != cgroup2fs ]; then
+  export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}
+fi
 
 # A base image from Debian packages: mmdebstrap writes a root filesystem, the engine imports
 # it. Made once; a later run reuses it.
 debian_base() {  # NAME PACKAGES
   if "$ENGINE" image inspect "$1" >/dev/null 2>&1; then return; fi
   command -v mmdebstrap >/dev/null || { echo "LOCAL_BASE=1 needs mmdebstrap" >&2; exit 1; }
-  local tar; tar=$(mktemp --suffix=.tar)
+  tar=$(mktemp --suffix=.tar)
   echo "making base image $1 from Debian bookworm packages: $2"
   mmdebstrap --quiet --variant=minbase --include="$2" bookworm "$tar"
   # An imported root filesystem has no environment: give it the usual PATH.
@@ -67,8 +72,7 @@ for target in "${targets[@]}"; do
       if [ -n "${TORCH_WHEEL:-}" ]; then
         ln "$TORCH_WHEEL" deploy/docker/wheels/ 2>/dev/null || cp "$TORCH_WHEEL" deploy/docker/wheels/
       fi
-      "${build[@]}" -f deploy/docker/Dockerfile.train -t "convserve-train:$TAG" .
-      rm -f deploy/docker/wheels/torch-*.whl ;;
+      "${build[@]}" -f deploy/docker/Dockerfile.train -t "convserve-train:$TAG" . ;;
     prometheus)
       [ "${LOCAL_BASE:-0}" = 1 ] || { echo "prometheus: an image made with LOCAL_BASE=1 only" >&2; exit 1; }
       debian_base "localhost/convserve-prometheus:bookworm" prometheus,ca-certificates ;;

@@ -103,19 +103,21 @@ def cuda_load_failure(device_id: int) -> str | None:
     become our reason instead of lines on stdout.
     """
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        _preload_cuda_libraries()
     so = ort.SessionOptions()
     so.log_severity_level = ORT_FATAL
-    ort.set_default_logger_severity(ORT_FATAL)
-    try:
-        probe = ort.InferenceSession(
-            get_example("mul_1.onnx"),
-            sess_options=so,
-            providers=[(CUDA, {"device_id": str(device_id)}), (CPU, {})],
-        )
-    finally:
-        ort.set_default_logger_severity(ORT_DEFAULT_LOGGER_SEVERITY)
+    # Where the CUDA libraries load but no GPU answers, ORT's Python wrapper print()s its
+    # "EP Error ... Falling back" too: the probe's stdout is captured whole.
+    with contextlib.redirect_stdout(printed):
+        _preload_cuda_libraries()
+        ort.set_default_logger_severity(ORT_FATAL)
+        try:
+            probe = ort.InferenceSession(
+                get_example("mul_1.onnx"),
+                sess_options=so,
+                providers=[(CUDA, {"device_id": str(device_id)}), (CPU, {})],
+            )
+        finally:
+            ort.set_default_logger_severity(ORT_DEFAULT_LOGGER_SEVERITY)
     if probe.get_providers()[0] == CUDA:
         return None
     log.debug("CUDA probe: preload_dlls printed %r", printed.getvalue())

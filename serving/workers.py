@@ -75,14 +75,15 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def fresh_multiproc_dir(given: str | None) -> Path:
-    """The Prometheus multiprocess folder, made empty: the operator's (`given`) or a new one.
+    """The Prometheus multiprocess folder with no stale files: `given`, or a new one.
 
     prometheus_client only writes into this folder, it never makes it, and files a previous
     run left would be summed into this one's figures. A server started with the variable set
     must call this before its first metric exists, one worker or several."""
     mp_dir = Path(given or tempfile.mkdtemp(prefix="convserve-prom-"))
-    shutil.rmtree(mp_dir, ignore_errors=True)
-    mp_dir.mkdir(parents=True)
+    mp_dir.mkdir(parents=True, exist_ok=True)
+    for stale in mp_dir.glob("*.db"):  # prometheus_client's files only: it may be /tmp itself
+        stale.unlink()
     return mp_dir
 
 
