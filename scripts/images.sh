@@ -32,7 +32,7 @@ if [ -z "${ENGINE:-}" ]; then
   done
 fi
 [ -n "${ENGINE:-}" ] || { echo "no container engine answers (docker info, podman info)" >&2; exit 1; }
-if [ "$ENGINE" = podman ] && [ "$(stat -fc %T /sys/fs/cgroup)" != cgroup2fs ]; then
+if [ "$ENGINE" = podman ] && [ ! -e /sys/fs/cgroup/cgroup.controllers ]; then  # cgroup v1
   export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}
 fi
 

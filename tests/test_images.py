@@ -52,7 +52,6 @@ MODEL = "fashion-mnist"
 TAG = "0.1.0"
 SERVING_IMAGE = f"localhost/convserve:{TAG}"
 TRAIN_IMAGE = f"localhost/convserve-train:{TAG}"
-PROMETHEUS_IMAGE = "localhost/convserve-prometheus:bookworm"
 PODMAN_CONF = ROOT / "deploy" / "podman" / "containers.conf"
 UID = "10001"  # the images' user
 
@@ -73,8 +72,7 @@ def run(
 
 def cgroup_v2() -> bool:
     """cgroup v2 hosts run podman's defaults; v1 ones (ours) need deploy/podman's settings."""
-    got = subprocess.run(["stat", "-fc", "%T", "/sys/fs/cgroup"], capture_output=True, text=True)
-    return got.stdout.strip() == "cgroup2fs"
+    return Path("/sys/fs/cgroup/cgroup.controllers").exists()
 
 
 @pytest.fixture(scope="session")
@@ -172,7 +170,7 @@ def world_readable_copy(src: Path, dst: Path, writable: bool = False) -> Path:
 
 @contextlib.contextmanager
 def serving_container(
-    images: dict[str, str], repo: Path, *, env: dict[str, str] | None = None, ro: bool = True
+    images: dict[str, str], repo: Path, *, env: dict[str, str] | None = None
 ) -> Iterator[Container]:
     """The serving image run as its Dockerfile header says (read-only root, /tmp a tmpfs, the
     repository mounted read-only), on the host's network bound to 127.0.0.1 and free ports."""
@@ -187,7 +185,7 @@ def serving_container(
     try:
         run(
             c.engine, "run", "--detach", "--name", c.name, "--network", "host",
-            "--read-only", "--tmpfs", "/tmp", "--volume", f"{repo}:/models{':ro' if ro else ''}",
+            "--read-only", "--tmpfs", "/tmp", "--volume", f"{repo}:/models:ro",
             *[a for k, v in settings.items() for a in ("--env", f"{k}={v}")],
             images["serving"],
         )  # fmt: skip
