@@ -27,6 +27,7 @@ from serving.probe import check
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+RULE_FILES = sorted(PROMETHEUS_DIR.glob("rules/*.yml"))
 # Run by the tritonclient venv's python (conftest's `tritonclient_python`): SERVER X.npy MODEL
 # OUT.npy. Saves the probabilities, prints the top-3 classification strings and the metadata.
 TRITON_SCRIPT = r"""
@@ -45,8 +46,6 @@ np.save(sys.argv[4], r.as_numpy("probabilities"))
 print(json.dumps({"top": [s.decode() for s in r.as_numpy("logits")[0]],
                   "meta": c.get_model_metadata(sys.argv[3], as_json=True)}))
 """
-
-RULE_FILES = sorted(PROMETHEUS_DIR.glob("rules/*.yml"))
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 20.0, every: float = 0.2) -> Any:
