@@ -1,0 +1,447 @@
+"""The one contract between training and serving: the model version folder.
+
+    <repository>/<name>/config.pbtxt            Triton-compatible config (written by the exporter)
+    <repository>/<name>/<version>/model.onnx    uint8 NCHW `images` -> `logits`, `probabilities`
+    <repository>/<name>/<version>/manifest.json the typed `Manifest` below
+    <repository>/<name>/<version>/model.opt.onnx | model.int8.onnx | model.fp16.onnx (optional)
+    <repository>/<name>/<version>/model.insight.onnx  activation maps of every conv stage
+
+A version is an all-digit folder name; the exporter builds it in a hidden folder and renames
+it, so a reader never sees half a version. The graph carries its own preprocessing and
+softmax, and the manifest keys in METADATA_KEYS are also stamped into every ONNX file as
+`metadata_props` (`convserve.<key>`), so a bare file is self-describing and a file dropped
+beside the wrong manifest is caught.
+
+The exporter (trainer.export) writes exactly this and the server (serving.repository) reads
+exactly this: both import it from here. Nothing here imports more than the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FORMAT = "convserve.manifest/1"
+MANIFEST_FILE = "manifest.json"
+TRITON_CONFIG_FILE = "config.pbtxt"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probabilities")
+# The file each `cnn-serve --variant` serves; the exporter writes the optional ones.
+VARIANT_FILES = {
+    "fp32": "model.onnx",
+    "opt": "model.opt.onnx",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+}
+MODEL_FILE = VARIANT_FILES["fp32"]
+INSIGHT_FILE = "model.insight.onnx"  # stage activations as extra outputs (Explain, reports)
+# A model name: a folder name that is not a version number and is safe in a URL.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+# The manifest keys stamped into every ONNX file of a version, as METADATA_PREFIX + key (JSON
+# unless the value is a string), and those of them the server checks against manifest.json.
+METADATA_PREFIX = "convserve."
+METADATA_KEYS = (
+    "name",
+    "labels",
+    "input",
+    "mean",
+    "std",
+    "dataset",
+    "test_accuracy",
+    "convserve_version",
+    "source_commit",
+)
+METADATA_CHECKED = ("name", "labels", "input", "mean")
+
+
+# ----------------------------------------------------------------------------- layout
+def valid_model_name(name: str) -> bool:
+    """A model folder name the server serves and the exporter may write."""
+    return bool(NAME_RE.fullmatch(name)) and not name.isdigit()
+
+
+def version_folder(repository: Path, name: str, version: int) -> Path:
+    return repository / name / str(version)
+
+
+def versions(model_dir: Path) -> list[int]:
+    """Published versions of a model, ascending: all-digit folder names above 0 (the
+    exporter's hidden temp folders never count)."""
+    try:
+        return sorted(
+            v
+            for p in model_dir.iterdir()
+            if p.name.isdigit() and p.is_dir() and (v := int(p.name)) > 0
+        )
+    except OSError:
+        return []
+
+
+# ----------------------------------------------------------------------------- the manifest
+class ManifestError(ValueError):
+    """A manifest that breaks the contract; the message names the field."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"'{key}' {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model's `images` input takes: uint8 NCHW of this size."""
+
+    channels: int
+    height: int
+    width: int
+    name: str = INPUT_NAME
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def nbytes(self) -> int:
+        return self.channels * self.height * self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, key: str = "input") -> InputSpec:
+        if not isinstance(d, Mapping):
+            raise ManifestError(key, f"must be an object, got {_show(d)}")
+        if d.get("dtype", "uint8") != "uint8" or d.get("layout", "NCHW") != "NCHW":
+            raise ManifestError(key, f"must be uint8 NCHW, manifest says {dict(d)}")
+        dims = [_int(d.get(k), f"{key}.{k}") for k in ("channels", "height", "width")]
+        if dims[0] not in (1, 3) or min(dims[1:]) < 1:
+            raise ManifestError(key, f"must have 1 or 3 channels and a positive size, got {dims}")
+        return cls(*dims, name=_str(d.get("name", INPUT_NAME), f"{key}.name"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One extra output of model.insight.onnx: a conv stage's activation maps, with its plan
+    (receptive field, jump and start of its grid in input pixels)."""
+
+    name: str
+    layer: int
+    kind: str
+    shape: tuple[int, int, int]
+    receptive_field: int | None  # None once spatial structure is gone
+    jump: int
+    start: float  # input coordinate of the centre of map unit (0, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "receptive_field": self.receptive_field,
+            "jump": self.jump,
+            "start": self.start,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json: what a version is, how it was made and how faithful it is.
+
+    The server needs `labels`, `input` and `mean` (Explain fills occluded patches with it);
+    everything else describes the version and may be absent from a manifest not written by
+    our exporter. The reports (`parity`, `variants`, `rejected_variants`) and `training` (the
+    recipe) are JSON objects whose inside is the exporter's to describe (trainer/export).
+    """
+
+    labels: tuple[str, ...]
+    input: InputSpec
+    mean: tuple[float, ...]
+    name: str = ""
+    version: int = 0
+    format: str = MANIFEST_FORMAT
+    outputs: tuple[str, ...] = OUTPUT_NAMES
+    std: tuple[float, ...] | None = None
+    dataset: str = ""
+    test_accuracy: float | None = None  # fraction 0..1, PyTorch's (parity makes ORT's equal)
+    opset: int | None = None
+    exporter: str = ""  # "dynamo" | "torchscript"
+    parity: dict[str, Any] | None = None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # filename -> report
+    rejected_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    insight: tuple[Stage, ...] | None = None  # model.insight.onnx's stages, when written
+    training: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""  # UTC ISO-8601
+    source_commit: str = ""
+    convserve_version: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # filename -> SHA-256
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, in manifest.json's key order."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "input":
+                value = value.to_dict()
+            elif f.name == "insight":
+                value = None if value is None else _insight_dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return {k: out[k] for k in _KEY_ORDER}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        """Validate a parsed manifest.json; ManifestError names the first bad field."""
+        if not isinstance(d, Mapping):
+            raise ManifestError("(root)", f"must be a JSON object, got {_show(d)}")
+        for key in ("labels", "input", "mean"):
+            if key not in d:
+                raise ManifestError(key, "is missing")
+        spec = InputSpec.from_dict(d["input"])
+        labels = d["labels"]
+        if not isinstance(labels, list) or not labels:
+            raise ManifestError("labels", f"must be a non-empty list, got {_show(labels)}")
+        return cls(
+            labels=tuple(str(x) for x in labels),
+            input=spec,
+            mean=_unit_floats(d["mean"], "mean", spec.channels),
+            name=_str(d.get("name", ""), "name"),
+            version=_int(d.get("version", 0), "version"),
+            format=_str(d.get("format", MANIFEST_FORMAT), "format"),
+            outputs=tuple(_str_list(d.get("outputs", list(OUTPUT_NAMES)), "outputs")),
+            std=_optional(d.get("std"), lambda v: _positive_floats(v, "std", spec.channels)),
+            dataset=_str(d.get("dataset", ""), "dataset"),
+            test_accuracy=_optional(d.get("test_accuracy"), lambda v: _fraction(v)),
+            opset=_optional(d.get("opset"), lambda v: _int(v, "opset")),
+            exporter=_str(d.get("exporter", ""), "exporter"),
+            parity=_optional(d.get("parity"), lambda v: _object(v, "parity")),
+            variants=_object(d.get("variants", {}), "variants"),
+            rejected_variants=_object(d.get("rejected_variants", {}), "rejected_variants"),
+            insight=_optional(d.get("insight"), _stages),
+            training=_object(d.get("training", {}), "training"),
+            created_at=_str(d.get("created_at", ""), "created_at"),
+            source_commit=_str(d.get("source_commit", ""), "source_commit"),
+            convserve_version=_str(d.get("convserve_version", ""), "convserve_version"),
+            files=_files(d.get("files", {})),
+        )
+
+    @classmethod
+    def read(cls, version_dir: Path) -> Manifest:
+        """`version_dir`/manifest.json, validated. FileNotFoundError when there is none;
+        ManifestError (naming the field, or saying it is not JSON) when it is unusable."""
+        text = (version_dir / MANIFEST_FILE).read_text()
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ManifestError("(root)", f"not valid JSON ({exc})") from None
+        return cls.from_dict(doc)
+
+
+_KEY_ORDER = (
+    "format",
+    "name",
+    "version",
+    "labels",
+    "input",
+    "outputs",
+    "mean",
+    "std",
+    "dataset",
+    "test_accuracy",
+    "opset",
+    "exporter",
+    "parity",
+    "variants",
+    "rejected_variants",
+    "insight",
+    "training",
+    "created_at",
+    "source_commit",
+    "convserve_version",
+    "files",
+)
+
+
+def _insight_dict(stages: tuple[Stage, ...]) -> dict[str, Any]:
+    return {"file": INSIGHT_FILE, "stages": [s.to_dict() for s in stages]}
+
+
+# ----------------------------------------------------------------------------- metadata_props
+def metadata_props(manifest: Manifest, variant: str) -> dict[str, str]:
+    """The `convserve.*` metadata_props the exporter stamps into one file of a version: the
+    manifest's METADATA_KEYS, plus which variant the file is."""
+    doc = manifest.to_dict()
+    props = {
+        f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v)
+        for k in METADATA_KEYS
+        for v in [doc[k]]
+    }
+    props[f"{METADATA_PREFIX}variant"] = variant
+    return props
+
+
+def metadata_disagreement(props: Mapping[str, str], manifest: Manifest) -> str | None:
+    """Why a graph's `convserve.*` metadata_props disagree with its manifest (a graph from
+    another version, model or dataset dropped beside it), or None. Keys a graph lacks are
+    not compared: a graph not made by our exporter is judged by its inputs and outputs."""
+    for key in METADATA_CHECKED:
+        text = props.get(f"{METADATA_PREFIX}{key}")
+        if text is None:
+            continue
+        ours = getattr(manifest, key)
+        try:
+            theirs = _metadata_value(key, text, manifest)
+        except (ValueError, ManifestError):
+            theirs = text
+        if theirs != ours:
+            shown = ours.to_dict() if isinstance(ours, InputSpec) else ours
+            if isinstance(shown, tuple):
+                shown = list(shown)
+            return (
+                f"graph metadata {METADATA_PREFIX}{key} = {text!r} disagrees with "
+                f"{MANIFEST_FILE} ({shown!r})"
+            )
+    return None
+
+
+def _metadata_value(key: str, text: str, manifest: Manifest) -> Any:
+    """A stamped value read back as the manifest field's type."""
+    if key == "name":
+        return text
+    value = json.loads(text)
+    if key == "labels":
+        if not isinstance(value, list):
+            return value
+        return tuple(str(x) for x in value)
+    if key == "input":
+        return InputSpec.from_dict(value)
+    return _unit_floats(value, key, manifest.input.channels)
+
+
+# ----------------------------------------------------------------------------- field checks
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(key, f"must be a string, got {_show(value)}")
+    return value
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ManifestError(key, f"must be an integer, got {_show(value)}")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fraction(value: Any) -> float:
+    if not (_number(value) and 0.0 <= value <= 1.0):
+        raise ManifestError("test_accuracy", f"must be a fraction in 0..1, got {_show(value)}")
+    return float(value)
+
+
+def _unit_floats(value: Any, key: str, channels: int) -> tuple[float, ...]:
+    if not (
+        isinstance(value, list)
+        and len(value) == channels
+        and all(_number(m) and 0.0 <= m <= 1.0 for m in value)
+    ):
+        raise ManifestError(
+            key,
+            f"must list {channels} training-{key} value(s) in 0..1 (one per channel), "
+            f"got {_show(value)}",
+        )
+    return tuple(float(m) for m in value)
+
+
+def _positive_floats(value: Any, key: str, channels: int) -> tuple[float, ...]:
+    if not (
+        isinstance(value, list)
+        and len(value) == channels
+        and all(_number(s) and s > 0 for s in value)
+    ):
+        raise ManifestError(
+            key, f"must list {channels} positive value(s), one per channel, got {_show(value)}"
+        )
+    return tuple(float(s) for s in value)
+
+
+def _str_list(value: Any, key: str) -> list[str]:
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ManifestError(key, f"must be a list of strings, got {_show(value)}")
+    return value
+
+
+def _object(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestError(key, f"must be a JSON object, got {_show(value)}")
+    return value
+
+
+def _files(value: Any) -> dict[str, str]:
+    files = _object(value, "files")
+    for name, digest in files.items():
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise ManifestError(f"files.{name}", f"must be a SHA-256 hex digest, got {digest!r}")
+    return files
+
+
+def _stages(value: Any) -> tuple[Stage, ...]:
+    insight = _object(value, "insight")
+    stages = insight.get("stages", [])
+    if not isinstance(stages, list):
+        raise ManifestError("insight.stages", f"must be a list, got {_show(stages)}")
+    out = []
+    for i, s in enumerate(stages):
+        key = f"insight.stages[{i}]"
+        s = _object(s, key)
+        shape = s.get("shape", [])
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_number(d) for d in shape)):
+            raise ManifestError(f"{key}.shape", f"must be [C, H, W], got {_show(shape)}")
+        start = s.get("start", 0.0)
+        if not _number(start):
+            raise ManifestError(f"{key}.start", f"must be a number, got {_show(start)}")
+        out.append(
+            Stage(
+                name=_str(s.get("name"), f"{key}.name"),
+                layer=_int(s.get("layer", 0), f"{key}.layer"),
+                kind=_str(s.get("kind", ""), f"{key}.kind"),
+                shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+                receptive_field=_optional(
+                    s.get("receptive_field"), lambda v, k=key: _int(v, f"{k}.receptive_field")
+                ),
+                jump=_int(s.get("jump", 0), f"{key}.jump"),
+                start=start,
+            )
+        )
+    return tuple(out)
+
+
+def _optional(value: Any, parse: Any) -> Any:
+    return None if value is None else parse(value)
