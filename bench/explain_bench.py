@@ -77,7 +77,7 @@ def main() -> None:
     port, mport = free_port(), free_port()
     repo = args.model_dir.parent.parent
     cmd = [
-        sys.executable, "-m", "serving.server", "--model-repository", str(repo),
+        sys.executable, "-m", "serving.main", "--model-repository", str(repo),
         "--model", args.model_dir.parent.name, "--host", "127.0.0.1", "--port", str(port),
         "--metrics-host", "127.0.0.1", "--metrics-port", str(mport), "--poll-interval", "0",
     ]  # fmt: skip

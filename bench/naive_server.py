@@ -29,14 +29,17 @@ import onnxruntime as ort
 
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from serving.runtime import RuntimeOptions, session_options
+from serving.runtime import session_options
 from serving.server import loop_runner
+from serving.settings import ServerSettings
 
 
 class Naive(pb_grpc.ClassifierServicer):
     def __init__(self, model: Path):
         self.session = ort.InferenceSession(
-            str(model), session_options(RuntimeOptions(device="cpu")), ["CPUExecutionProvider"]
+            str(model),
+            session_options(ServerSettings(device="cpu").runtime),
+            ["CPUExecutionProvider"],
         )
         manifest = json.loads((model.parent / "manifest.json").read_text())
         self.labels = manifest["labels"]

@@ -15,7 +15,7 @@ M=$(free_port)
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; rm -rf "$OUT"' EXIT
 for h in 127.0.0.2 127.0.0.3; do
-  $PY -m serving.server --model-repository "$REPO" --host $h --port "$P" --metrics-host $h \
+  $PY -m serving.main --model-repository "$REPO" --host $h --port "$P" --metrics-host $h \
     --metrics-port "$M" --device cpu --poll-interval 0 --log-level warning >"$OUT/$h.log" 2>&1 &
   pids+=($!)
 done

@@ -71,7 +71,8 @@ from serving_report import (  # noqa: E402
 from serving.loadgen import parse_stream_infer  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2 as pb  # noqa: E402
 from serving.proto.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
-from serving.runtime import RuntimeOptions, session_options  # noqa: E402
+from serving.runtime import session_options  # noqa: E402
+from serving.settings import ServerSettings  # noqa: E402
 
 MODEL = "fashion-mnist"
 BRACKET_S = 2.0  # seconds per batch size of each ceiling measured around a system
@@ -303,7 +304,7 @@ def ort_ceiling(
 ) -> dict[str, Any]:
     """ONNX Runtime in-process, the session options convserve uses: images/s per batch."""
     sess = ort.InferenceSession(
-        str(model), session_options(RuntimeOptions(device="cpu")), ["CPUExecutionProvider"]
+        str(model), session_options(ServerSettings(device="cpu").runtime), ["CPUExecutionProvider"]
     )
     out: dict[str, Any] = {}
     for b in batches:
@@ -403,7 +404,7 @@ def systems(model: Path, port: int, mport: int, skip_triton: bool) -> list[Syste
     serve = [
         py,
         "-m",
-        "serving.server",
+        "serving.main",
         "--model-repository",
         str(model.parent.parent.parent),
         "--model",

@@ -31,14 +31,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 from overload import start_pinned, sustainable_rate  # noqa: E402
 
 from serving.loadgen import LoadConfig, resolve, run_load  # noqa: E402
-from serving.runtime import RuntimeOptions, session_options  # noqa: E402
+from serving.runtime import session_options  # noqa: E402
+from serving.settings import ServerSettings  # noqa: E402
 from tests.process_stats import MIB, Sampler  # noqa: E402
 
 GROWTH_TARGET_PCT = 5.0
 
 
 def arena_settings() -> dict[str, Any]:
-    so = session_options(RuntimeOptions())
+    so = session_options(ServerSettings().runtime)
     return {
         "enable_cpu_mem_arena": so.enable_cpu_mem_arena,
         "enable_mem_pattern": so.enable_mem_pattern,

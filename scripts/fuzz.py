@@ -3,8 +3,9 @@
 Targets, each run without a server:
 - `codec`: serving.codec.decode_image on arbitrary bytes (Pillow's Python plugins and ours
   instrumented; the C decoders run but are not coverage-guided);
-- `v2`: a KServe V2 ModelInferRequest built from the fuzzer's bytes, through
-  serving.services.v2_input and DataPlane.batch_tensor (what ModelInfer does before ORT).
+- `v2`: a KServe V2 ModelInferRequest built from the fuzzer's bytes, through the gRPC
+  converter (serving.grpc.inference.infer_request) and serving.v2.input_rows (what
+  ModelInfer does before ORT).
 
 An InvalidInput is the expected answer to bad bytes. Anything else is a crash: another
 exception type, a result of the wrong shape or dtype, a run over -timeout (a hang) or over
@@ -35,7 +36,8 @@ RSS_LIMIT_MB = 2048
 
 # ----------------------------------------------------------------------------- targets
 def _codec_target() -> Callable[[bytes], None]:
-    from serving.codec import InputSpec, decode_image
+    from serving.codec import decode_image
+    from serving.contract import InputSpec
     from serving.errors import InvalidInput
 
     specs = (InputSpec(1, 28, 28), InputSpec(3, 32, 32))
@@ -54,14 +56,13 @@ def _codec_target() -> Callable[[bytes], None]:
 def _v2_target() -> Callable[[bytes], None]:
     import atheris
 
-    from serving.codec import InputSpec
-    from serving.dataplane import DataPlane, Limits
+    from serving.contract import InputSpec
     from serving.errors import InvalidInput
+    from serving.grpc.inference import infer_request
     from serving.proto.inference import grpc_predict_v2_pb2 as v2
-    from serving.services import v2_input
+    from serving.v2 import input_rows
 
     spec = InputSpec(1, 4, 4)
-    plane = DataPlane(repository=None, limits=Limits(max_images_per_request=8))  # type: ignore[arg-type]
     datatypes = ["UINT8", "FP32", "INT64", "BYTES", "FP16", ""]
 
     def one_input(data: bytes) -> None:
@@ -96,7 +97,7 @@ def _v2_target() -> Callable[[bytes], None]:
         for _ in range(fdp.ConsumeIntInRange(0, 2)):
             request.raw_input_contents.append(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 256)))
         try:
-            rows = plane.batch_tensor(spec, *v2_input(request))
+            rows = input_rows(infer_request(request).inputs, spec, max_images=8)
         except InvalidInput:
             return
         assert rows.shape[1:] == spec.shape and rows.dtype.name == "uint8", rows.shape

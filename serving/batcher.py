@@ -53,16 +53,20 @@ class _NullObserver:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    max_batch_size: int = 64
-    max_queue_delay_s: float = 0.0
-    max_queue_size: int = 4096  # rows (images) waiting, summed over requests
-    instances: int = 1
-    # An idle batcher runs a small request on the event loop itself when such runs have
-    # been taking less than `inline_max_s`: a batch-1 run of a small CNN costs about what
-    # the hop to an executor thread and back costs. Slow runs (a big model, a busy device)
-    # keep going to the executor, so the loop is never blocked for long.
-    inline_max_rows: int = 4
-    inline_max_s: float = 0.002
+    """How one model version batches (serving.settings holds the defaults)."""
+
+    max_batch_size: int
+    max_queue_delay_s: float
+    max_queue_size: int  # rows (images) waiting, summed over requests
+    instances: int
+
+
+# An idle batcher runs a small request on the event loop itself when such runs have been
+# taking less than INLINE_MAX_S: a batch-1 run of a small CNN costs about what the hop to an
+# executor thread and back costs. Slow runs (a big model, a busy device) keep going to the
+# executor, so the loop is never blocked for long.
+INLINE_MAX_ROWS = 4
+INLINE_MAX_S = 0.002
 
 
 @dataclass(eq=False)  # identity: `req in queue` must not compare the numpy rows
@@ -182,17 +186,13 @@ class Batcher:
 
     def _observe_run(self, n: int, took: float) -> None:
         self.observer.batch(n, took)
-        if n <= self.config.inline_max_rows:
+        if n <= INLINE_MAX_ROWS:
             last = self._small_run_s
             self._small_run_s = took if last is None else 0.8 * last + 0.2 * took
 
     def _runs_inline(self, n: int) -> bool:
         cost = self._small_run_s
-        return (
-            n <= self.config.inline_max_rows
-            and cost is not None
-            and (cost <= self.config.inline_max_s)
-        )
+        return n <= INLINE_MAX_ROWS and cost is not None and cost <= INLINE_MAX_S
 
     def _idle_fast_path(self, n: int) -> bool:
         return (

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serving.contract import InputSpec
 from serving.errors import InvalidInput
 
 # A decompression bomb (a tiny file that decodes to gigapixels) is refused before decoding.
@@ -35,24 +35,6 @@ from serving.errors import InvalidInput
 MAX_IMAGE_PIXELS = 16_000_000
 REQUEST_PIXEL_FACTOR = 4  # a request's images together: 4x one image's limit
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "MPO"})
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model's `images` input takes: uint8 NCHW of this size."""
-
-    channels: int
-    height: int
-    width: int
-    name: str = "images"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.height, self.width)
-
-    @property
-    def nbytes(self) -> int:
-        return self.channels * self.height * self.width
 
 
 class NeedsThread(Exception):

@@ -1,8 +1,12 @@
-"""The protocol-agnostic core both wire APIs call: pick a model, decode, batch, rank.
+"""The data plane: the one way into the serving core, whatever the wire.
 
-Handlers translate protobuf to the plain values these functions take and back; nothing
-here knows about gRPC. Every input is validated before it joins a batch, so a bad request
-never fails good ones.
+Every front end is a converter: wire request -> the plain values and types below ->
+`DataPlane.predict / infer / explain / model_info / ...` -> wire response. Here, once:
+admission (nothing new while draining), choosing the model version, counting and decoding a
+request's images (raw uint8 tensors in one copy, small encoded images inline, big ones on the
+decode executor, resolving the version again if a hot swap happened meanwhile), validating
+every input before it joins a batch (a bad request never fails good ones), handing rows to the
+version's batcher, and ranking what comes back. Nothing here knows about gRPC or HTTP.
 """
 
 from __future__ import annotations
@@ -11,21 +15,16 @@ import asyncio
 import concurrent.futures
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from serving import occlusion
-from serving.codec import (
-    InputSpec,
-    NeedsThread,
-    PixelBudget,
-    decode_image,
-    float_to_uint8,
-    tensor_to_image,
-    top_k,
-)
-from serving.errors import InvalidInput
-from serving.repository import ModelRepository, ModelVersion
+from serving import occlusion, v2
+from serving.codec import NeedsThread, PixelBudget, decode_image, tensor_to_image, top_k
+from serving.contract import InputSpec, Manifest
+from serving.errors import Draining, InvalidInput, ModelNotFound
+from serving.model import ModelVersion
+from serving.repository import ModelRepository
 
 # Decoding this many encoded bytes inline would stall the event loop; hand it to a thread.
 INLINE_DECODE_BYTES = 256 * 1024
@@ -36,39 +35,74 @@ INLINE_DECODE_PIXELS = 512 * 512
 
 @dataclass(frozen=True)
 class Limits:
-    max_images_per_request: int = 256
-    max_top_k: int = 1000
-    max_explain_positions: int = 1024  # occlusion patch positions (forward passes - 1)
+    """What one request may ask for (serving.settings holds the defaults)."""
+
+    max_images_per_request: int
+    max_explain_positions: int  # occlusion patch positions (forward passes - 1)
+
+
+class EncodedImage(NamedTuple):
+    data: bytes  # PNG, JPEG, WebP, BMP or GIF
+
+
+class RawTensor(NamedTuple):
+    dtype: str  # "uint8" | "float32" (anything else is refused, naming it)
+    shape: tuple[int, ...]  # (C, H, W), or (H, W) for one channel
+    data: bytes  # little-endian
+
+
+# None: an image that is neither (refused, naming the image).
+ImageInput = EncodedImage | RawTensor | None
 
 
 @dataclass(frozen=True)
-class EncodedImage:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class RawTensor:
-    dtype: str  # "uint8" | "float32"
-    shape: tuple[int, ...]
-    data: bytes
-
-
-ImageInput = EncodedImage | RawTensor
-
-
-@dataclass
 class Classification:
-    model: ModelVersion
+    """Predict's answer: the top k classes of every image, most likely first."""
+
+    model: str
+    version: int
+    labels: tuple[str, ...]
     indices: np.ndarray  # (N, k) int
     probabilities: np.ndarray  # (N, k) float32
 
 
-@dataclass
+@dataclass(frozen=True)
+class ExplainRequest:
+    image: ImageInput
+    patch: int  # 0: the server's default (a quarter of the image)
+    stride: int  # 0: the patch size
+    target: int | None  # None: the top-1 class
+    stage: str  # "": no activation maps
+    render_png: bool
+
+
+@dataclass(frozen=True)
 class Explanation:
-    model: ModelVersion
-    occlusion: occlusion.Occlusion
-    activations: np.ndarray | None  # (C, H, W) float32 of the requested stage
+    model: str
+    version: int
+    labels: tuple[str, ...]
+    ranked: np.ndarray  # class indices, most probable first
+    probabilities: np.ndarray  # (K,) of the unoccluded image
+    heatmap: np.ndarray  # (rows, cols) probability drop when each patch is hidden
+    target: int
+    forward_passes: int
     overlay_png: bytes
+    activations: np.ndarray | None  # (C, H, W) float32 of the requested stage
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    manifest: Manifest
+    provider: str
+    requested_device: str
+    max_batch_size: int
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.manifest.input
 
 
 class DataPlane:
@@ -81,34 +115,128 @@ class DataPlane:
         self.repository = repository
         self.limits = limits
         self.decode_executor = decode_executor
+        self.admitting = True
+
+    # -- admission and readiness ------------------------------------------------------
+    def admit(self) -> None:
+        """Draining unless new work is admitted (every front end asks before each call)."""
+        if not self.admitting:
+            raise Draining("server is draining; retry on another replica")
+
+    def stop_admitting(self) -> None:
+        self.admitting = False
+
+    @property
+    def ready(self) -> bool:
+        """Admitting, and every selected model has a version loaded."""
+        return self.admitting and self.repository.ready
 
     def model(self, name: str | None, version: int | None) -> ModelVersion:
         return self.repository.get(name or None, version or None)
 
-    def check_top_k(self, k: int, mv: ModelVersion) -> int:
+    def model_ready(self, name: str, version: str) -> bool:
+        """V2's readiness of a model (a version given as text, "" for the latest)."""
+        try:
+            self.model(name, v2.version_number(version))
+        except ModelNotFound:
+            return False
+        return True
+
+    def model_info(self, name: str | None, version: int | None) -> ModelInfo:
+        mv = self.model(name, version)
+        return ModelInfo(
+            name=mv.name,
+            version=mv.version,
+            versions=tuple(self.repository.versions(mv.name)),
+            manifest=mv.manifest,
+            provider=mv.session.provider,
+            requested_device=mv.session.requested_device,
+            max_batch_size=mv.batcher.config.max_batch_size,
+        )
+
+    def model_metadata(self, name: str, version: int | None) -> v2.ModelMetadata:
+        mv = self.model(name, version)
+        return v2.model_metadata(
+            mv.name, self.repository.versions(mv.name), mv.spec, mv.num_classes
+        )
+
+    # -- inference ---------------------------------------------------------------------
+    async def predict(
+        self,
+        name: str,
+        version: int | None,
+        images: Sequence[ImageInput],
+        k: int,
+        deadline: float | None,
+    ) -> Classification:
+        """The top `k` classes (0: 1) of every image, computed in some batch."""
+        mv = self.model(name, version)
         if k < 0:
             raise InvalidInput(f"top_k must be >= 0, got {k}")
-        return min(k or 1, mv.num_classes)
+        self.check_count(len(images))  # before looking at any of them
+        rows, mv = await self._rows(images, mv, name, version)
+        out = await mv.batcher.submit(rows, deadline)
+        idx, probs = top_k(out[:, 1], min(k or 1, mv.num_classes))
+        return Classification(mv.name, mv.version, mv.labels, idx, probs)
 
-    def decode(
-        self, images: Sequence[ImageInput], mv: ModelVersion, inline_pixels: int | None = None
-    ) -> np.ndarray:
-        """Every image of a request -> one (N, C, H, W) uint8 array, or InvalidInput (or
-        NeedsThread for an image declaring more than `inline_pixels`)."""
-        n = len(images)
-        self.check_count(n)
-        out = np.empty((n, *mv.spec.shape), dtype=np.uint8)
-        budget = PixelBudget(mv.spec)
-        for i, img in enumerate(images):
-            try:
-                if isinstance(img, RawTensor):
-                    out[i] = tensor_to_image(img.dtype, img.shape, img.data, mv.spec)
-                else:
-                    out[i] = decode_image(img.data, mv.spec, inline_pixels, budget)
-            except InvalidInput as exc:
-                raise InvalidInput(f"image {i}: {exc}") from None
-        return out
+    async def infer(self, request: v2.InferRequest, deadline: float | None) -> v2.InferResponse:
+        """A V2 inference: one input tensor in, the requested output tensors out."""
+        mv = self.model(request.model, request.version)
+        rows = v2.input_rows(request.inputs, mv.spec, self.limits.max_images_per_request)
+        wanted = v2.requested_outputs(request.outputs)
+        out = await mv.batcher.submit(rows, deadline)
+        return v2.InferResponse(mv.name, mv.version, request.id, v2.outputs(out, wanted, mv.labels))
 
+    async def explain(
+        self, name: str, version: int | None, request: ExplainRequest, deadline: float | None
+    ) -> Explanation:
+        """Occlusion sensitivity of one image: its 1 + P rows go through the same batcher as
+        Predict; a stage's activation maps come from the insight graph."""
+        mv = self.model(name, version)
+        image, mv = await self._image(request.image, mv, name, version)
+        try:
+            g = occlusion.grid(image.shape[1], image.shape[2], request.patch, request.stride)
+        except occlusion.OcclusionError as exc:
+            raise InvalidInput(str(exc)) from None
+        if g.positions > self.limits.max_explain_positions:
+            raise InvalidInput(
+                f"patch_size {g.patch} with stride {g.stride} needs {g.positions} positions; "
+                f"the limit is {self.limits.max_explain_positions} (use a larger stride)"
+            )
+        target = request.target
+        if target is not None and not 0 <= target < mv.num_classes:
+            raise InvalidInput(f"target_class must be in 0..{mv.num_classes - 1}, got {target}")
+        stage = request.stage
+        if stage and stage not in mv.stages:
+            have = ", ".join(mv.stages) or "none: this version has no model.insight.onnx"
+            raise InvalidInput(f"activation_stage {stage!r} is not a stage (stages: {have})")
+        rows = occlusion.occluded_rows(image, g, occlusion.fill_value(mv.manifest.mean))
+        out = await mv.batcher.submit(rows, deadline)
+        result = occlusion.heatmap_from(out[:, 1], g, target)
+        maps = await self._activations(mv, image, stage) if stage else None
+        png = occlusion.overlay_png(image, result.heatmap, g) if request.render_png else b""
+        probs = result.probabilities
+        return Explanation(
+            model=mv.name,
+            version=mv.version,
+            labels=mv.labels,
+            ranked=np.argsort(-probs, kind="stable"),
+            probabilities=probs,
+            heatmap=result.heatmap,
+            target=result.target,
+            forward_passes=result.forward_passes,
+            overlay_png=png,
+            activations=maps,
+        )
+
+    async def _activations(self, mv: ModelVersion, image: np.ndarray, stage: str) -> np.ndarray:
+        session = mv.insight
+        assert session is not None  # mv.stages is empty without it
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(mv.executor, session.run, image[None], (stage,))
+        return np.asarray(out[0][0], dtype=np.float32)
+
+    # -- images ------------------------------------------------------------------------
     def check_count(self, n: int) -> None:
         """InvalidInput unless a request's image count is within 1..max_images_per_request."""
         if n == 0:
@@ -118,119 +246,91 @@ class DataPlane:
                 f"request has {n} images; the limit is {self.limits.max_images_per_request}"
             )
 
-    def stack_uint8(self, payloads: Sequence[bytes], mv: ModelVersion) -> np.ndarray | None:
-        """The bytes of raw uint8 tensors already known to have the model's input shape
-        (what bulk clients send) -> one (N, C, H, W) array, in one copy rather than one
-        validation and copy per image (about 6x faster at 32 images). None when a payload
-        is not exactly one image long: `decode` then says which and why."""
-        self.check_count(len(payloads))
-        size = mv.spec.nbytes
-        if any(len(b) != size for b in payloads):
-            return None
-        out = np.empty((len(payloads), *mv.spec.shape), dtype=np.uint8)
-        out.reshape(-1)[:] = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+    async def _rows(
+        self, images: Sequence[ImageInput], mv: ModelVersion, name: str, version: int | None
+    ) -> tuple[np.ndarray, ModelVersion]:
+        """The images as one (N, C, H, W) uint8 batch for `mv`, or for the version that
+        replaced it while a big decode waited on a thread."""
+        rows = stack_uint8(images, mv.spec)
+        if rows is not None:
+            return rows, mv
+        while True:
+            rows = self.decode_inline(images, mv.spec)
+            if rows is not None:  # no suspension: no swap can have happened
+                return rows, mv
+            rows = await self.decode_in_thread(images, mv.spec)
+            # The decode awaited a thread: a hot swap may have happened meanwhile, so resolve
+            # the model again (and decode again, off the loop, if its input changed).
+            latest = self.model(name, version)
+            if latest is mv or latest.spec == mv.spec:
+                return rows, latest
+            mv = latest
+
+    async def _image(
+        self, image: ImageInput, mv: ModelVersion, name: str, version: int | None
+    ) -> tuple[np.ndarray, ModelVersion]:
+        if image is None:
+            raise InvalidInput("request has no image")
+        rows, mv = await self._rows([image], mv, name, version)
+        return rows[0], mv
+
+    def decode(
+        self, images: Sequence[ImageInput], spec: InputSpec, inline_pixels: int | None = None
+    ) -> np.ndarray:
+        """Every image of a request -> one (N, C, H, W) uint8 array, or InvalidInput naming
+        the image (or NeedsThread for an image declaring more than `inline_pixels`)."""
+        n = len(images)
+        self.check_count(n)
+        out = np.empty((n, *spec.shape), dtype=np.uint8)
+        budget = PixelBudget(spec)
+        for i, img in enumerate(images):
+            try:
+                if isinstance(img, RawTensor):
+                    out[i] = tensor_to_image(img.dtype, img.shape, img.data, spec)
+                elif isinstance(img, EncodedImage):
+                    out[i] = decode_image(img.data, spec, inline_pixels, budget)
+                else:
+                    raise InvalidInput("neither encoded bytes nor a tensor")
+            except InvalidInput as exc:
+                raise InvalidInput(f"image {i}: {exc}") from None
         return out
 
-    def decode_inline(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray | None:
+    def decode_inline(self, images: Sequence[ImageInput], spec: InputSpec) -> np.ndarray | None:
         """`decode` on the calling thread (the event loop) when that is cheap: few encoded
         bytes declaring few pixels. None: the decode belongs on the decode executor."""
         if self.decode_executor is None:
-            return self.decode(images, mv)
+            return self.decode(images, spec)
         encoded = sum(len(i.data) for i in images if isinstance(i, EncodedImage))
         if encoded >= INLINE_DECODE_BYTES:
             return None
         try:
-            return self.decode(images, mv, INLINE_DECODE_PIXELS)
+            return self.decode(images, spec, INLINE_DECODE_PIXELS)
         except NeedsThread:
             return None
 
-    async def decode_in_thread(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
+    async def decode_in_thread(self, images: Sequence[ImageInput], spec: InputSpec) -> np.ndarray:
         """`decode` on the decode executor."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decode_executor, self.decode, images, mv)
+        return await loop.run_in_executor(self.decode_executor, self.decode, images, spec)
 
-    async def decode_async(self, images: Sequence[ImageInput], mv: ModelVersion) -> np.ndarray:
-        """`decode`, inline when `decode_inline` finds that cheap, else on the executor."""
-        rows = self.decode_inline(images, mv)
-        return rows if rows is not None else await self.decode_in_thread(images, mv)
 
-    async def classify(
-        self, mv: ModelVersion, rows: np.ndarray, k: int, deadline: float | None
-    ) -> Classification:
-        out = await mv.infer(rows, deadline)
-        idx, probs = top_k(out[:, 1], k)
-        return Classification(mv, idx, probs)
-
-    async def explain(
-        self,
-        mv: ModelVersion,
-        image: np.ndarray,
-        *,
-        patch: int = 0,
-        stride: int = 0,
-        target: int | None = None,
-        stage: str = "",
-        render_png: bool = False,
-        deadline: float | None = None,
-    ) -> Explanation:
-        """Occlusion sensitivity of one (C, H, W) image: its 1 + P rows go through the same
-        batcher as Predict; a stage's activation maps come from the insight graph."""
-        try:
-            g = occlusion.grid(image.shape[1], image.shape[2], patch, stride)
-        except occlusion.OcclusionError as exc:
-            raise InvalidInput(str(exc)) from None
-        if g.positions > self.limits.max_explain_positions:
-            raise InvalidInput(
-                f"patch_size {g.patch} with stride {g.stride} needs {g.positions} positions; "
-                f"the limit is {self.limits.max_explain_positions} (use a larger stride)"
-            )
-        if target is not None and not 0 <= target < mv.num_classes:
-            raise InvalidInput(f"target_class must be in 0..{mv.num_classes - 1}, got {target}")
-        if stage and stage not in mv.stages:
-            have = ", ".join(mv.stages) or "none: this version has no model.insight.onnx"
-            raise InvalidInput(f"activation_stage {stage!r} is not a stage (stages: {have})")
-        rows = occlusion.occluded_rows(image, g, occlusion.fill_value(mv.manifest["mean"]))
-        out = await mv.infer(rows, deadline)
-        result = occlusion.heatmap_from(out[:, 1], g, target)
-        maps = None
-        if stage:
-            loop = asyncio.get_running_loop()
-            session = mv.insight
-            assert session is not None  # mv.stages is empty without it
-            run = session.run
-            maps = (await loop.run_in_executor(mv.executor, run, image[None], (stage,)))[0][0]
-            maps = np.asarray(maps, dtype=np.float32)
-        png = occlusion.overlay_png(image, result.heatmap, g) if render_png else b""
-        return Explanation(mv, result, maps, png)
-
-    def batch_tensor(
-        self, spec: InputSpec, dtype: str, shape: Sequence[int], data: bytes
-    ) -> np.ndarray:
-        """A V2 input tensor (N, C, H, W) of UINT8 or FP32 for a model taking `spec` ->
-        validated uint8 rows."""
-        shape = tuple(int(d) for d in shape)
-        if len(shape) != 4 or shape[1:] != spec.shape:
-            shown = list(shape) if len(shape) <= 8 else f"{len(shape)} dimensions"
-            raise InvalidInput(
-                f"input 'images' must have shape [N, {', '.join(map(str, spec.shape))}], "
-                f"got {shown}"
-            )
-        n = shape[0]
-        if n < 1:
-            raise InvalidInput(f"input 'images' has batch size {n}")
-        if n > self.limits.max_images_per_request:
-            raise InvalidInput(
-                f"request has {n} images; the limit is {self.limits.max_images_per_request}"
-            )
-        itemsize = {"UINT8": 1, "FP32": 4}.get(dtype)
-        if itemsize is None:
-            raise InvalidInput(f"input 'images' datatype must be UINT8 or FP32, got {dtype}")
-        expected = n * spec.nbytes * itemsize
-        if len(data) != expected:
-            raise InvalidInput(
-                f"input 'images' holds {len(data)} bytes; shape {list(shape)} of {dtype} "
-                f"needs {expected}"
-            )
-        if dtype == "UINT8":
-            return np.frombuffer(data, dtype=np.uint8).reshape(shape)
-        return float_to_uint8(np.frombuffer(data, dtype="<f4").reshape(shape))
+def stack_uint8(images: Sequence[ImageInput], spec: InputSpec) -> np.ndarray | None:
+    """Raw uint8 tensors of exactly the model's input size (what bulk clients send) -> one
+    (N, C, H, W) array in one copy, rather than one validation and copy per image (about 6x
+    faster at 32 images). None when any image is something else: `decode` then takes them
+    one by one and says which is wrong and why."""
+    hw = (spec.height, spec.width) if spec.channels == 1 else spec.shape
+    size = spec.nbytes
+    payloads = []
+    for img in images:
+        if (
+            type(img) is not RawTensor
+            or img.dtype != "uint8"
+            or (img.shape != spec.shape and img.shape != hw)
+            or len(img.data) != size
+        ):
+            return None
+        payloads.append(img.data)
+    out = np.empty((len(payloads), *spec.shape), dtype=np.uint8)
+    out.reshape(-1)[:] = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+    return out

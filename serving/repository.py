@@ -1,113 +1,49 @@
-"""The model repository: load, validate, warm and hot-swap model versions.
+"""The model repository: which versions to serve, loading them, hot swaps, and the folders.
 
-Layout (the contract with the exporter): `ROOT/<name>/<version>/model.onnx + manifest.json`,
-versions are all-digit folder names (the exporter writes into a dot-folder and renames, so a
-half-written version is never seen). Each served version gets its own ORT session, its own
-batcher and its own named executor. A new version is loaded and warmed beside the old one,
-then swapped in with one dict assignment on the event loop: requests that already hold the
-old version finish on it; nothing is lost.
+Layout: serving.contract (`ROOT/<name>/<version>/`; versions are all-digit folder names,
+which the exporter publishes by renaming a hidden folder, so half a version is never seen).
+How one version is loaded and checked, and why one is refused, is serving.model's. A new
+version is loaded and warmed beside the old one, then swapped in with one dict assignment on
+the event loop: requests that already hold the old version finish on it; nothing is lost.
 
 The repository is an attack surface: whoever can write to it chooses what the server runs.
-A version is refused, with a reason from REFUSALS in the log and metrics, and the old one keeps
-serving, when its manifest is missing or unusable, a file is over --max-model-bytes, is a
-symlink out of the version folder or differs from the manifest's SHA-256, the protobuf is
-corrupt, the graph uses external data (never read; see serving.runtime) or operators from a
-custom domain (ORT has no library for them: we never register custom-op libraries), its
-input/outputs break the contract, or its `convserve.*` metadata_props disagree with the
-manifest. Folders writable by other users are reported loudly on every scan that finds them.
-A served version lives in memory: if its folder is deleted or changed, it keeps serving
-(logged and counted once) until a higher valid version loads.
+A refused version is logged and counted with its reason and the old one keeps serving; a
+broken one is not retried until its folder changes. Folders writable by other users are
+reported loudly on every scan that finds them. A served version lives in memory: if its
+folder is deleted or changed, it keeps serving (logged and counted once) until a higher
+valid version loads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
-import json
 import logging
-import os
-import re
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from serving.batcher import BatchConfig, Batcher, BatchObserver
-from serving.codec import InputSpec
-from serving.errors import DeviceUnavailable, ModelLoadError, ModelNotFound, NotReady
-from serving.runtime import RuntimeOptions, Session
+from serving.batcher import BatchConfig, BatchObserver
+from serving.contract import valid_model_name
+from serving.contract import versions as published_versions
+from serving.errors import ModelLoadError, ModelNotFound, NotReady
+from serving.model import Loader, ModelVersion, load
+from serving.runtime import RuntimeOptions
 
 log = logging.getLogger("convserve.repository")
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-VARIANT_FILES = {
-    "fp32": "model.onnx",
-    "opt": "model.opt.onnx",
-    "int8": "model.int8.onnx",
-    "fp16": "model.fp16.onnx",
-}
-INSIGHT_FILE = "model.insight.onnx"  # stage activations as extra outputs (Explain only)
-MANIFEST_FILE = "manifest.json"
-# The manifest keys the exporter stamps into every ONNX file it writes, as metadata_props
-# named METADATA_PREFIX + key (JSON unless the value is a string).
-METADATA_PREFIX = "convserve."
-METADATA_KEYS = (
-    "name",
-    "labels",
-    "input",
-    "mean",
-    "std",
-    "dataset",
-    "test_accuracy",
-    "convserve_version",
-    "source_commit",
-)
-
-
-def metadata_props(manifest: dict[str, Any], variant: str) -> dict[str, str]:
-    """The convserve.* metadata_props the exporter stamps into a file of a version (the
-    manifest's METADATA_KEYS, plus which variant the file is); `_check_metadata` reads them."""
-    props = {
-        f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v)
-        for k in METADATA_KEYS
-        for v in [manifest[k]]
-    }
-    props[f"{METADATA_PREFIX}variant"] = variant
-    return props
-
-
-# Why a version was refused: the `reason` label of convserve_model_load_failures_total.
-REFUSALS = (
-    "manifest",  # missing, not JSON, or missing/unusable fields
-    "missing_file",  # the model file named by --variant is not there or not readable
-    "outside_folder",  # a model file is a symlink that leaves the version folder
-    "too_large",  # over --max-model-bytes
-    "checksum",  # SHA-256 differs from manifest.json (tampered or torn)
-    "corrupt",  # not a parseable ONNX protobuf
-    "external_data",  # initializers stored outside the file
-    "custom_op",  # operators ONNX Runtime does not have (custom domains)
-    "contract",  # input is not uint8 NCHW `images` of the manifest's size, or outputs missing
-    "metadata",  # the graph's convserve.* metadata_props disagree with manifest.json
-    "warmup",  # the graph loads but fails to run
-    "onnxruntime",  # any other refusal by ONNX Runtime
-    "other",
-)
-# The manifest keys the exporter also stamps into the graph that must agree with it.
-METADATA_CHECKED = ("name", "labels", "input", "mean")
 
 
 @dataclass(frozen=True)
 class RepositoryConfig:
+    """What to serve from where (serving.settings holds the defaults)."""
+
     root: Path
-    models: tuple[str, ...] = ()  # empty: every model in the repository
-    pinned: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> versions
-    poll_interval_s: float = 0.0  # 0: load once, never poll
-    variant: str = "fp32"
-    max_model_bytes: int = 512 * 1024 * 1024
+    models: tuple[str, ...]  # empty: every model in the repository
+    pinned: dict[str, tuple[int, ...]]  # name -> versions
+    poll_interval_s: float  # 0: load once, never poll
+    variant: str  # serving.contract.VARIANT_FILES
+    max_model_bytes: int
 
 
 class RepositoryEvents:
@@ -127,132 +63,6 @@ class RepositoryEvents:
     def observer(self, model: str, version: int) -> BatchObserver | None: ...
 
 
-@dataclass
-class ModelVersion:
-    """One loaded, warmed version: what Predict and ModelInfer run against."""
-
-    name: str
-    version: int
-    path: Path
-    manifest: dict[str, Any]
-    spec: InputSpec
-    labels: tuple[str, ...]
-    session: Session
-    batcher: Batcher
-    executor: concurrent.futures.ThreadPoolExecutor
-    variant_file: str
-    opset: int
-    insight: Session | None = None  # model.insight.onnx, when the version has one
-    stamp: float = 0.0  # the folder's _stamp when loaded: a later difference is reported
-
-    @property
-    def stages(self) -> dict[str, dict[str, Any]]:
-        """The insight graph's stage outputs by name (manifest["insight"]["stages"])."""
-        if self.insight is None:
-            return {}
-        return {s["name"]: s for s in (self.manifest.get("insight") or {}).get("stages", [])}
-
-    async def infer(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """(N, C, H, W) uint8 -> (N, 2, K): logits and probabilities per row."""
-        return await self.batcher.submit(rows, deadline)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-
-def _read_manifest(vdir: Path) -> tuple[dict[str, Any], InputSpec, tuple[str, ...]]:
-    path = vdir / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{vdir}: no manifest.json", "manifest") from None
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})", "manifest") from None
-    if not isinstance(manifest, dict):
-        raise ModelLoadError(f"{path}: not a JSON object", "manifest")
-    try:
-        inp = manifest["input"]
-        spec = InputSpec(int(inp["channels"]), int(inp["height"]), int(inp["width"]))
-        labels = tuple(str(x) for x in manifest["labels"])
-        if inp.get("dtype", "uint8") != "uint8" or inp.get("layout", "NCHW") != "NCHW":
-            raise ModelLoadError(
-                f"{path}: input must be uint8 NCHW, manifest says {inp}", "manifest"
-            )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"{path}: missing or malformed field {exc}", "manifest") from None
-    if not labels or spec.channels not in (1, 3) or min(spec.height, spec.width) < 1:
-        raise ModelLoadError(
-            f"{path}: labels/input spec are not usable ({spec}, {labels})", "manifest"
-        )
-    mean = manifest.get("mean")  # Explain fills occluded patches with it
-    if not (
-        isinstance(mean, list)
-        and len(mean) == spec.channels
-        and all(isinstance(m, int | float) and 0.0 <= m <= 1.0 for m in mean)
-    ):
-        raise ModelLoadError(
-            f"{path}: 'mean' must list {spec.channels} training-mean value(s) in 0..1, "
-            f"got {mean!r}",
-            "manifest",
-        )
-    return manifest, spec, labels
-
-
-def _check_contract(session: Session, spec: InputSpec, labels: tuple[str, ...], where: str) -> None:
-    """The graph must take uint8 NCHW `images` matching the manifest and give K-way outputs."""
-    if session.input_type != "tensor(uint8)":
-        raise ModelLoadError(
-            f"{where}: graph input is {session.input_type}, not tensor(uint8)", "contract"
-        )
-    shape = session.input_shape
-    if len(shape) != 4 or [d for d in shape[1:] if isinstance(d, int)] != list(spec.shape):
-        raise ModelLoadError(
-            f"{where}: graph input shape {shape} does not match {spec.shape} (NCHW)", "contract"
-        )
-    for out in ("logits", "probabilities"):
-        if out not in session.output_names:
-            raise ModelLoadError(f"{where}: graph has no '{out}' output", "contract")
-    k = session.session.get_outputs()[session.output_names.index("probabilities")].shape[-1]
-    if isinstance(k, int) and k != len(labels):
-        raise ModelLoadError(
-            f"{where}: graph has {k} classes, manifest has {len(labels)} labels", "contract"
-        )
-
-
-def _check_metadata(session: Session, manifest: dict[str, Any], where: str) -> None:
-    """The exporter stamps manifest keys into the graph's metadata_props (`convserve.KEY`):
-    a graph from another version, model or dataset dropped beside this manifest disagrees.
-    A graph without them (not made by our exporter) is judged by the contract alone."""
-    props = session.session.get_modelmeta().custom_metadata_map
-    for key in METADATA_CHECKED:
-        text = props.get(f"{METADATA_PREFIX}{key}")
-        if text is None:
-            continue
-        try:
-            value = text if key == "name" else json.loads(text)
-        except ValueError:
-            value = text
-        if value != manifest.get(key):
-            raise ModelLoadError(
-                f"{where}: graph metadata convserve.{key} = {text!r} disagrees with "
-                f"manifest.json ({manifest.get(key)!r})",
-                "metadata",
-            )
-
-
-def _ort_refusal(exc: Exception) -> str:
-    """The REFUSALS category of an ONNX Runtime load error (from its message)."""
-    text = str(exc)
-    if "External data" in text or "external data" in text:
-        return "external_data"
-    if "INVALID_PROTOBUF" in text or "protobuf parsing failed" in text:
-        return "corrupt"
-    if "is not a registered function/op" in text or "opset import for domain" in text:
-        return "custom_op"
-    return "onnxruntime"
-
-
 class ModelRepository:
     """Serves every selected model at its latest (or pinned) versions, polling for new ones."""
 
@@ -264,12 +74,11 @@ class ModelRepository:
         events: RepositoryEvents | None = None,
     ):
         self.config = config
-        self.runtime = runtime
-        self.batching = batching
         self.events = events or RepositoryEvents()
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._failed: dict[tuple[str, int], float] = {}  # (name, version) -> manifest mtime
-        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-loader")
+        self.loader = Loader(runtime, batching, config.variant, config.max_model_bytes)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._poller: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
         self._changed: set[tuple[str, int, str]] = set()  # (name, version, event) reported
@@ -335,33 +144,28 @@ class ModelRepository:
             return out
         for mdir in entries:
             name = mdir.name
-            if not NAME_RE.match(name) or (self.config.models and name not in self.config.models):
+            if not valid_model_name(name) or (
+                self.config.models and name not in self.config.models
+            ):
                 continue
-            try:
-                versions = sorted(
-                    (int(v.name) for v in mdir.iterdir() if v.name.isdigit() and v.is_dir()),
-                    reverse=True,
-                )
-            except OSError:
-                continue
-            out[name] = [v for v in versions if v > 0]
+            out[name] = published_versions(mdir)[::-1]
         return out
 
     async def scan(self) -> None:
         """Load whatever the policy wants and is not loaded yet; swap in newer versions."""
         self._check_writable()
         self._check_served()
-        for name, versions in self._candidates().items():
+        for name, found in self._candidates().items():
             loaded = self._models.get(name, {})
             pinned = self.config.pinned.get(name)
             if pinned:
                 for v in pinned:
-                    if v in versions and v not in loaded:
+                    if v in found and v not in loaded:
                         await self._try_load(name, v)
                 continue
             current = max(loaded) if loaded else 0
             # Newest first; at start-up fall back to older versions until one loads.
-            for v in versions:
+            for v in found:
                 if v <= current:
                     break
                 if await self._try_load(name, v):
@@ -390,8 +194,8 @@ class ModelRepository:
 
     def _check_served(self) -> None:
         """A served version lives in memory; report (once) its folder vanishing or changing."""
-        for name, versions in self._models.items():
-            for mv in versions.values():
+        for name, served in self._models.items():
+            for mv in served.values():
                 if mv.path.is_dir():
                     if _stamp(mv.path) == mv.stamp:
                         continue
@@ -433,27 +237,10 @@ class ModelRepository:
         return True
 
     async def _load(self, name: str, version: int, vdir: Path) -> ModelVersion:
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        manifest, spec, labels, session, fname = await loop.run_in_executor(
-            self._loader, self._open, vdir
-        )
-        insight = await loop.run_in_executor(self._loader, self._open_insight, vdir, manifest)
-        executor = concurrent.futures.ThreadPoolExecutor(
-            self.batching.instances, thread_name_prefix=f"ort-{name}-{version}"
-        )
-
-        def run(x: np.ndarray) -> np.ndarray:
-            logits, probs = session.run(x, ("logits", "probabilities"))
-            # np.stack is pure Python around this (~7 against ~3 us on every run)
-            out = np.empty((len(probs), 2, probs.shape[1]), dtype=probs.dtype)
-            out[:, 0] = logits
-            out[:, 1] = probs
-            return out
-
-        batcher = Batcher(
-            run, self.batching, executor, self.events.observer(name, version), f"{name}:{version}"
-        )
+        observer = self.events.observer(name, version)
+        mv = await load(self.loader, self._pool, name, version, vdir, observer)
+        session = mv.session
         # Once per version: its insight session, if any, fell back for the same reason.
         if session.fallback:
             log.warning(
@@ -467,65 +254,11 @@ class ModelRepository:
             "loaded %s version %d (%s, %s) in %.2fs",
             name,
             version,
-            fname,
+            mv.variant_file,
             session.provider,
             time.monotonic() - t0,
         )
-        return ModelVersion(
-            name,
-            version,
-            vdir,
-            manifest,
-            spec,
-            labels,
-            session,
-            batcher,
-            executor,
-            fname,
-            int(manifest.get("opset", 0)),
-            insight,
-        )
-
-    def _open(self, vdir: Path) -> tuple[dict, InputSpec, tuple[str, ...], Session, str]:
-        """Blocking part of a load (runs on the loader thread): read, check, session, warm."""
-        manifest, spec, labels = _read_manifest(vdir)
-        fname = VARIANT_FILES[self.config.variant]
-        path = vdir / fname
-        session = self._session(path, manifest, f"{vdir.parent.name}:{vdir.name}")
-        _check_contract(session, spec, labels, str(path))
-        try:
-            session.warmup(self.batching.max_batch_size, spec.shape)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: warm-up failed: {exc}", "warmup") from None
-        return manifest, spec, labels, session, fname
-
-    def _open_insight(self, vdir: Path, manifest: dict[str, Any]) -> Session | None:
-        """The insight graph's session, or None (then Explain returns no activations)."""
-        path = vdir / INSIGHT_FILE
-        if not manifest.get("insight") or not path.is_file():
-            return None
-        return self._session(path, manifest, f"{vdir.parent.name}:{vdir.name}:insight")
-
-    def _session(self, path: Path, manifest: dict[str, Any], label: str) -> Session:
-        """Read one model file into memory, check it and open it in ONNX Runtime."""
-        data = _read_model_file(path, self.config.max_model_bytes)
-        digest = (manifest.get("files") or {}).get(path.name)
-        if digest and hashlib.sha256(data).hexdigest() != digest:
-            raise ModelLoadError(
-                f"{path}: SHA-256 differs from manifest.json (tampered or torn)", "checksum"
-            )
-        try:
-            # From bytes: a later change to the folder cannot change what this version
-            # serves, and ORT reads exactly the bytes we checked (no external data).
-            session = Session(data, self.runtime, label)
-        except DeviceUnavailable:
-            raise  # an explicit --device that cannot run here stops the server
-        except Exception as exc:
-            raise ModelLoadError(
-                f"{path}: ONNX Runtime refused the model: {exc}", _ort_refusal(exc)
-            ) from None
-        _check_metadata(session, manifest, str(path))
-        return session
+        return mv
 
     def _install(self, mv: ModelVersion) -> None:
         versions = self._models.setdefault(mv.name, {})
@@ -562,31 +295,7 @@ class ModelRepository:
         for vs in self._models.values():
             for mv in vs.values():
                 mv.executor.shutdown(wait=False)
-        self._loader.shutdown(wait=False)
-
-
-def _read_model_file(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, if it is a regular file inside its version folder under the cap."""
-    if not path.is_file():
-        raise ModelLoadError(f"{path.parent}: no {path.name}", "missing_file")
-    if not path.resolve().is_relative_to(path.parent.resolve()):
-        raise ModelLoadError(
-            f"{path}: a symlink to {path.resolve()}, outside the version folder", "outside_folder"
-        )
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                raise ModelLoadError(
-                    f"{path}: {size} bytes is over the --max-model-bytes cap ({max_bytes})",
-                    "too_large",
-                )
-            data = f.read(max_bytes + 1)  # the file may grow after the size check
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: not readable ({exc})", "missing_file") from None
-    if len(data) > max_bytes:
-        raise ModelLoadError(f"{path}: over the --max-model-bytes cap ({max_bytes})", "too_large")
-    return data
+        self._pool.shutdown(wait=False)
 
 
 def _writable_folders(root: Path) -> dict[Path, str]:

@@ -1,34 +1,40 @@
 """`--workers N`: N worker processes share one port, as in grpc's multiprocessing example.
 
 The parent reserves the port with SO_REUSEPORT (so nothing else can take it), wipes the
-Prometheus multiprocess folder, starts the workers (each a full single-worker server with
-its own ORT sessions), serves the aggregated /metrics, restarts a worker that dies, forwards
-SIGHUP (re-read certificates and tokens), and on SIGTERM forwards it and waits for every
-worker to drain. SO_REUSEPORT spreads connections, not requests: clients need several
-connections to use every worker.
+Prometheus multiprocess folder, starts each worker as a spawned `multiprocessing.Process`
+given its settings (a full single-worker server with its own ORT sessions), serves the
+aggregated /metrics, restarts a worker that dies, forwards SIGHUP (re-read certificates and
+tokens), and on SIGTERM forwards it and waits for every worker to drain. SO_REUSEPORT spreads
+connections, not requests: clients need several connections to use every worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from serving.server import ServerConfig
+from serving.auth import TokenFileError
+from serving.cores import usable_cores
+from serving.logs import setup_logging
+from serving.settings import ServerSettings
+from serving.tls import TLSError
 
 log = logging.getLogger("convserve.workers")
 
-WORKER_ENV = "CONVSERVE_WORKER_PORT"  # set for workers: the port the parent reserved
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @contextlib.contextmanager
@@ -44,36 +50,6 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
         sock.close()
 
 
-def _worker_argv(port: int, config: ServerConfig) -> list[str]:
-    argv = [a for a in sys.argv[1:]]
-    if config.intra_op_threads == 0:
-        # ORT's default is a thread per core in every worker: N workers would run N x cores
-        # threads that preempt each other and the event loops. Share the cores out instead.
-        cores = len(os.sched_getaffinity(0))
-        argv += ["--intra-op-threads", str(max(1, cores // config.workers))]
-    return [
-        sys.executable,
-        "-m",
-        "serving.server",
-        *argv,
-        "--workers",
-        "1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-    ]
-
-
-def _forward(workers: list[subprocess.Popen], sig: signal.Signals) -> None:
-    for w in workers:
-        with contextlib.suppress(ProcessLookupError):
-            w.send_signal(sig)
-
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
 def fresh_multiproc_dir(given: str | None) -> Path:
     """The Prometheus multiprocess folder with no stale files: `given`, or a new one.
 
@@ -87,51 +63,103 @@ def fresh_multiproc_dir(given: str | None) -> Path:
     return mp_dir
 
 
-def run_workers(config: ServerConfig) -> int:
+def worker(settings: ServerSettings) -> None:
+    """A worker process: one server on the port the parent reserved, its metrics written to
+    the multiprocess folder (the parent serves them), no listener of its own."""
+    setup_logging(settings.log_format, settings.log_level)
+    from prometheus_client import CollectorRegistry
+
+    from serving import server
+
+    sys.exit(server.run(settings, CollectorRegistry()))
+
+
+def worker_settings(settings: ServerSettings, port: int) -> ServerSettings:
+    threads = settings.intra_op_threads
+    if threads == 0:
+        # ORT's default is a thread per core in every worker: N workers would run N x cores
+        # threads that preempt each other and the event loops. Share the cores out instead.
+        threads = max(1, usable_cores() // settings.workers)
+    return replace(
+        settings,
+        port=port,
+        reuse_port=True,
+        metrics_port=0,
+        workers=1,
+        intra_op_threads=threads,
+    )
+
+
+def run_parent(settings: ServerSettings) -> int:
     """The parent process of a multi-worker server."""
+    from serving.server import Access
+
+    try:  # here, once: a worker that cannot start would be restarted forever
+        Access.from_settings(settings)
+    except (TLSError, TokenFileError) as exc:
+        log.error("cannot start: %s", exc)
+        return 3
     given = os.environ.get(MULTIPROC_ENV)
     mp_dir = fresh_multiproc_dir(given)
-    os.environ[MULTIPROC_ENV] = str(mp_dir)
+    os.environ[MULTIPROC_ENV] = str(mp_dir)  # the spawned workers inherit it
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-
+    spawn = multiprocessing.get_context("spawn")
     with contextlib.ExitStack() as stack:
-        port = stack.enter_context(reserve_port(config.host, config.port))
-        if config.health_port:  # the workers share the probe port the same way
-            stack.enter_context(reserve_port(config.host, config.health_port))
-        env = {**os.environ, WORKER_ENV: str(port)}
-        if config.metrics_port:
+        port = stack.enter_context(reserve_port(settings.host, settings.port))
+        if settings.health_port:  # the workers share the probe port the same way
+            stack.enter_context(reserve_port(settings.host, settings.health_port))
+        if settings.metrics_listener:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=str(mp_dir))
-            start_http_server(config.metrics_port, config.metrics_host, registry)
+            start_http_server(settings.metrics_listener, settings.metrics_host, registry)
+        each = worker_settings(settings, port)
 
-        def spawn() -> subprocess.Popen:
-            return subprocess.Popen(_worker_argv(port, config), env=env)
+        def start() -> BaseProcess:
+            p = spawn.Process(target=worker, args=(each,), name="convserve-worker")
+            p.start()
+            return p
 
-        workers: list[subprocess.Popen] = []
+        workers: list[BaseProcess] = []
         signal.signal(signal.SIGHUP, lambda *_: _forward(workers, signal.SIGHUP))
-        workers += [spawn() for _ in range(config.workers)]
+        workers += [start() for _ in range(settings.workers)]
         log.info("started %d workers on port %d: %s", len(workers), port, [w.pid for w in workers])
         while not stopping.wait(0.2):
             for i, w in enumerate(workers):
-                if w.poll() is not None:
-                    log.error("worker %d exited with %s; restarting it", w.pid, w.returncode)
+                if not w.is_alive():
+                    log.error("worker %d exited with %s; restarting it", w.pid, w.exitcode)
                     multiprocess.mark_process_dead(w.pid, str(mp_dir))
-                    workers[i] = spawn()
+                    workers[i] = start()
         _forward(workers, signal.SIGTERM)
-        deadline = time.monotonic() + config.drain_timeout + 10
-        code = 0
-        for w in workers:
-            try:
-                rc = w.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                w.kill()
-                rc = w.wait()
-            multiprocess.mark_process_dead(w.pid, str(mp_dir))
-            code = code or (rc if rc and rc > 0 else 0)
+        code = _wait(workers, settings.drain_timeout + 10, mp_dir)
     if not given:  # ours: remove it (a folder the operator named is theirs to keep)
         shutil.rmtree(mp_dir, ignore_errors=True)
+    return code
+
+
+def _forward(workers: list[BaseProcess], sig: signal.Signals) -> None:
+    for w in workers:
+        if w.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, sig)
+
+
+def _wait(workers: list[BaseProcess], timeout: float, mp_dir: Path) -> int:
+    """Wait for every worker to drain (killing any still running after `timeout`); the first
+    worker's failure code, else 0."""
+    from prometheus_client import multiprocess
+
+    deadline = time.monotonic() + timeout
+    code = 0
+    for w in workers:
+        w.join(max(0.1, deadline - time.monotonic()))
+        if w.is_alive():
+            w.kill()
+            w.join()
+        multiprocess.mark_process_dead(w.pid, str(mp_dir))
+        rc = w.exitcode
+        code = code or (rc if rc and rc > 0 else 0)
     return code

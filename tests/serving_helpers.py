@@ -115,7 +115,7 @@ def start_server(
     cmd = [
         sys.executable,
         "-m",
-        "serving.server",
+        "serving.main",
         "--model-repository",
         str(repository),
         "--host",

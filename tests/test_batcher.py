@@ -12,6 +12,7 @@ import pytest
 
 from serving.batcher import BatchConfig, Batcher
 from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+from serving.settings import ServerSettings
 
 
 class Recorder:
@@ -46,6 +47,11 @@ async def _with_batcher(run_fn, config, body):
             await b.close(timeout=5)
 
 
+def batching(**kw: object) -> BatchConfig:
+    """cnn-serve's default batching with `kw` (ServerSettings field names) changed."""
+    return ServerSettings(**kw).batching
+
+
 def rows(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)[:, None]
 
@@ -59,7 +65,7 @@ def test_each_request_gets_exactly_its_own_rows_in_order():
         for r, o in zip(reqs, outs, strict=True):
             assert np.array_equal(o, r * 2)
 
-    run(_with_batcher, rec, BatchConfig(max_batch_size=16), body)
+    run(_with_batcher, rec, batching(max_batch_size=16), body)
     assert max(len(x) for x in rec.batches) > 1  # requests were merged
     assert all(len(x) <= 16 for x in rec.batches)
 
@@ -71,7 +77,7 @@ def test_a_request_larger_than_max_batch_is_split_and_reassembled():
         big = rows(*range(100))
         return await b.submit(big)
 
-    out = run(_with_batcher, rec, BatchConfig(max_batch_size=8, instances=2), body)
+    out = run(_with_batcher, rec, batching(max_batch_size=8, instances=2), body)
     assert np.array_equal(out, rows(*range(100)) * 2)
     assert all(len(x) <= 8 for x in rec.batches) and sum(len(x) for x in rec.batches) == 100
 
@@ -90,7 +96,7 @@ def test_a_failed_run_fails_only_the_requests_in_that_batch():
                 await fut
         assert np.array_equal(await b.submit(rows(7)), rows(14))  # the batcher lives on
 
-    run(_with_batcher, rec, BatchConfig(max_batch_size=4), body)
+    run(_with_batcher, rec, batching(max_batch_size=4), body)
     assert [x.ravel().tolist() for x in rec.batches] == [[1], [13, 5], [7]]
 
 
@@ -108,7 +114,7 @@ def test_queue_full_sheds_at_once_and_memory_stays_bounded():
         await first
         await queued
 
-    run(_with_batcher, rec, BatchConfig(max_batch_size=4, max_queue_size=10), body)
+    run(_with_batcher, rec, batching(max_batch_size=4, max_queue_size=10), body)
 
 
 def test_expired_and_cancelled_requests_are_dropped_before_compute():
@@ -126,7 +132,7 @@ def test_expired_and_cancelled_requests_are_dropped_before_compute():
             await expired
         assert await b.submit(rows(4)) is not None
 
-    run(_with_batcher, rec, BatchConfig(max_batch_size=4), body)
+    run(_with_batcher, rec, batching(max_batch_size=4), body)
     computed = np.concatenate(rec.batches).ravel().tolist()
     assert 2 not in computed and 3 not in computed and 4 in computed
 
@@ -177,7 +183,7 @@ def test_cancelled_expired_and_abandoned_rows_are_counted_and_expired_ones_never
         await asyncio.sleep(0.06)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        run(_observed, rec, BatchConfig(max_batch_size=4), pool, fates, body)
+        run(_observed, rec, batching(max_batch_size=4), pool, fates, body)
     computed = {int(x.flat[0]) for x in np.concatenate(rec.batches)}
     assert computed == {1, 4, 5}
     assert fates.dropped_by == {"deadline": 2, "cancelled": 2}
@@ -197,7 +203,7 @@ def test_a_deadline_that_passes_while_the_batch_waits_for_the_ort_thread_is_not_
         assert np.array_equal(await b.submit(image_rows(7)), image_rows(14))
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        run(_observed, rec, BatchConfig(max_batch_size=4), pool, fates, body)
+        run(_observed, rec, batching(max_batch_size=4), pool, fates, body)
     assert [int(x.flat[0]) for x in rec.batches] == [7]
     assert fates.dropped_by == {"deadline": 2}
 
@@ -222,7 +228,7 @@ def test_close_finishes_admitted_work_and_refuses_new():
         with pytest.raises(Draining):
             await b.submit(rows(9))
 
-    run(_with_batcher, rec, BatchConfig(max_batch_size=2), body)
+    run(_with_batcher, rec, batching(max_batch_size=2), body)
 
 
 def test_queue_delay_waits_for_company_up_to_the_limit():
@@ -236,7 +242,7 @@ def test_queue_delay_waits_for_company_up_to_the_limit():
         await asyncio.gather(first, second)
         return time.monotonic() - t0
 
-    run(_with_batcher, rec, BatchConfig(max_batch_size=8, max_queue_delay_s=0.05), body)
+    run(_with_batcher, rec, batching(max_batch_size=8, max_queue_delay_us=50_000), body)
     assert [len(x) for x in rec.batches] == [2]  # the first waited and took the second along
 
 
@@ -260,10 +266,10 @@ def test_idle_small_requests_run_on_the_loop_only_when_runs_are_cheap(delay):
     async def body(b):
         for i in range(6):  # one at a time: the batcher is idle for each
             assert np.array_equal(await b.submit(rows(i)), rows(2 * i))
-        big = rows(*range(8))  # above inline_max_rows: always on the executor
+        big = rows(*range(8))  # above INLINE_MAX_ROWS: always on the executor
         assert np.array_equal(await b.submit(big), big * 2)
 
-    config = BatchConfig(max_batch_size=8, inline_max_rows=4, inline_max_s=0.002)
+    config = batching(max_batch_size=8)
     run(_with_batcher, rec, config, body)
     on_loop = [t == loop_thread for t in rec.threads]
     assert on_loop[0] is False  # nothing measured yet: the first run takes the executor
@@ -284,6 +290,6 @@ def test_a_failed_run_on_the_loop_fails_that_request_and_the_next_still_runs_the
         assert np.array_equal(await b.submit(rows(7)), rows(14))
         assert b.queued_rows == 0
 
-    config = BatchConfig(max_batch_size=8, inline_max_rows=4, inline_max_s=0.002)
+    config = batching(max_batch_size=8)
     run(_with_batcher, rec, config, body)
     assert [t == loop_thread for t in rec.threads] == [False, True, True, True, True]

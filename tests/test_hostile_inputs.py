@@ -33,14 +33,13 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.batcher import BatchConfig
-from serving.dataplane import DataPlane, EncodedImage, Limits
+from serving.dataplane import DataPlane, EncodedImage
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from serving.repository import ModelRepository, RepositoryConfig
-from serving.runtime import RuntimeOptions
+from serving.repository import ModelRepository
+from serving.settings import ServerSettings
 from tests.image_files import png_declaring
 from tests.serving_helpers import running_server
 from tests.tiny_models import DEFAULT_LABELS, image_of_class, write_version
@@ -495,20 +494,19 @@ def flat_png(level: int, side: int, mode: str = "RGBA") -> bytes:
 def test_a_small_file_declaring_many_pixels_is_decoded_on_the_executor_not_the_loop(tmp_path):
     async def decode() -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
         write_version(tmp_path, "gray", 1)
-        repo = ModelRepository(
-            RepositoryConfig(tmp_path), RuntimeOptions(device="cpu"), BatchConfig()
-        )
+        settings = ServerSettings(model_repository=tmp_path, device="cpu", poll_interval=0)
+        repo = ModelRepository(settings.repository, settings.runtime, settings.batching)
         await repo.start()
         try:
             mv = repo.get("gray")
             with concurrent.futures.ThreadPoolExecutor(1) as executor:
-                plane = DataPlane(repo, Limits(), executor)
+                plane = DataPlane(repo, settings.limits, executor)
                 big = [EncodedImage(flat_png(170, 2000))]  # ~20 KB, 4 M pixels
                 small = [EncodedImage(flat_png(170, 28))]
                 return (
-                    plane.decode_inline(big, mv),
-                    plane.decode_inline(small, mv),
-                    await plane.decode_async(big, mv),
+                    plane.decode_inline(big, mv.spec),
+                    plane.decode_inline(small, mv.spec),
+                    await plane.decode_in_thread(big, mv.spec),
                 )
         finally:
             await repo.close()

@@ -35,11 +35,12 @@ from tiny_models import (
     write_version,
 )
 
-from serving.batcher import BatchConfig
 from serving.client import Client
 from serving.metrics import Metrics, MetricsEvents
-from serving.repository import REFUSALS, ModelRepository, RepositoryConfig
-from serving.runtime import RuntimeOptions, Session
+from serving.model import REFUSALS
+from serving.repository import ModelRepository
+from serving.runtime import Session
+from serving.settings import ServerSettings
 
 MODEL = "tiny"
 MAX_MODEL_BYTES = 64 * 1024
@@ -193,7 +194,7 @@ def test_external_data_is_never_read_from_the_working_directory(tmp_path, monkey
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # The hazard is real: plain ONNX Runtime loads the weights from the working directory.
     ort.InferenceSession(model.SerializeToString(), plain, providers=["CPUExecutionProvider"])
-    opts = RuntimeOptions("cpu", intra_op_threads=1, graph_optimization="disable")
+    opts = ServerSettings(device="cpu", intra_op_threads=1, graph_optimization="disable").runtime
     with pytest.raises(Exception, match=r"[Ee]xternal data"):
         Session(model.SerializeToString(), opts)
 
@@ -236,11 +237,16 @@ def test_a_served_version_deleted_or_changed_on_disk_keeps_serving_until_a_highe
 # ----------------------------------------------------------------------------- writable folders
 def _repository(root: Path) -> tuple[ModelRepository, CollectorRegistry]:
     registry = CollectorRegistry()
+    settings = ServerSettings(
+        model_repository=root,
+        poll_interval=0,
+        device="cpu",
+        intra_op_threads=1,
+        max_batch_size=4,
+        max_queue_size=64,
+    )
     repo = ModelRepository(
-        RepositoryConfig(root),
-        RuntimeOptions("cpu", intra_op_threads=1),
-        BatchConfig(4, 0.0, 64, 1),
-        MetricsEvents(Metrics(registry)),
+        settings.repository, settings.runtime, settings.batching, MetricsEvents(Metrics(registry))
     )
     return repo, registry
 

@@ -330,7 +330,7 @@ def test_health_is_open_by_default_and_reflection_is_not(tls_server):
 
 def test_every_rpc_we_serve_belongs_to_a_group():
     """A method in no group is refused to every token: a new RPC must be given a group."""
-    from serving.auth import group_of
+    from serving.grpc.auth import group_of
 
     for file in (pb.DESCRIPTOR, v2.DESCRIPTOR):
         for service in file.services_by_name.values():
@@ -456,7 +456,7 @@ def refused_starts(repo, tmp_path_factory) -> dict[str, subprocess.CompletedProc
     cert, _ = ca.issue("a").write(d / "a")
     _, other_key = ca.issue("b").write(d / "b")
     (d / "tokens").write_text("tok-x inference,admin\n")
-    base = [sys.executable, "-m", "serving.server", "--model-repository", str(repo)]
+    base = [sys.executable, "-m", "serving.main", "--model-repository", str(repo)]
     base += ["--host", "127.0.0.1", "--metrics-port", "0"]
     cases = {
         "mismatched-key": ["--tls-cert", str(cert), "--tls-key", str(other_key)],

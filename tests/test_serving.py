@@ -583,7 +583,9 @@ def test_each_event_loop_serves_and_drains(
 
 
 def test_serving_never_imports_torch():
-    code = "import sys, serving.server, serving.client; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, serving.main, serving.server, serving.client; sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
@@ -592,38 +594,39 @@ def test_a_manifest_without_a_usable_training_mean_is_refused(model_repository, 
     """Explain fills occluded patches with the manifest's mean: a version without a usable
     one is refused at load with the reason, not failed later with INTERNAL."""
     from serving.errors import ModelLoadError
-    from serving.repository import _read_manifest
+    from serving.model import read_manifest
 
     version = tmp_path / "1"
     shutil.copytree(model_repository / MODEL / "1", version)
     manifest = json.loads((version / "manifest.json").read_text())
-    _read_manifest(version)  # as exported: accepted
+    read_manifest(version)  # as exported: accepted
     if mean is None:
         del manifest["mean"]
     else:
         manifest["mean"] = mean
     (version / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelLoadError, match="'mean' must list 1"):
-        _read_manifest(version)
+        read_manifest(version)
 
 
 @pytest.mark.parametrize(
     "mode, allow, stop", [("run", "1", "1"), ("off", "0", "0"), ("always", "1", "0")]
 )
 def test_intra_op_workers_spin_within_a_run_and_stop_when_it_ends(mode, allow, stop):
-    from serving.runtime import RuntimeOptions, session_options
+    from serving.runtime import session_options
+    from serving.settings import ServerSettings
 
-    so = session_options(RuntimeOptions(spinning=mode))
+    so = session_options(ServerSettings(spinning=mode).runtime)
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == allow
     assert so.get_session_config_entry("session.force_spinning_stop") == stop
-    assert RuntimeOptions().spinning == "run"
+    assert ServerSettings().runtime.spinning == "run"
 
 
 def test_an_unknown_spinning_mode_is_refused():
-    from serving.runtime import RuntimeOptions, session_options
+    from serving.settings import ServerSettings
 
     with pytest.raises(ValueError, match="spinning must be one of"):
-        session_options(RuntimeOptions(spinning="sometimes"))
+        ServerSettings(spinning="sometimes")
 
 
 def test_variant_int8_serves_the_int8_file_with_its_own_answers(

@@ -25,13 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.repository import (
-    MANIFEST_FILE,
-    VARIANT_FILES,
-    metadata_props,
-)
+from serving.contract import MANIFEST_FILE, MODEL_FILE, Manifest, metadata_props
 
-MODEL_FILE = VARIANT_FILES["fp32"]
 OPSET = 17
 IR_VERSION = 8  # what every onnxruntime >= 1.14 reads
 DEFAULT_LABELS = ("dark", "dim", "mid", "bright")
@@ -119,7 +114,9 @@ def make_model(
     model.ir_version = IR_VERSION
     labels = list(DEFAULT_LABELS[:num_classes]) if num_classes <= 4 else _labels(num_classes)
     if metadata is None:
-        metadata = metadata_props(manifest_for("tiny", 1, labels, shape), "fp32")
+        metadata = metadata_props(
+            Manifest.from_dict(manifest_for("tiny", 1, labels, shape)), "fp32"
+        )
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
     return model
@@ -213,7 +210,9 @@ def write_version(
     if model_bytes is None:
         if model is None:
             model = make_model(
-                num_classes=len(labels), shape=shape, metadata=metadata_props(man, "fp32")
+                num_classes=len(labels),
+                shape=shape,
+                metadata=metadata_props(Manifest.from_dict(man), "fp32"),
             )
         model_bytes = model.SerializeToString()
     mdir = Path(root) / name

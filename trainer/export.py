@@ -73,13 +73,14 @@ from pydantic import ValidationError
 from torch import nn
 
 import trainer
-from serving.repository import (
+from serving.contract import (
     INSIGHT_FILE,
     MANIFEST_FILE,
     METADATA_PREFIX,
     VARIANT_FILES,
-    metadata_props,
+    Manifest,
 )
+from serving.contract import metadata_props as _metadata_props
 from trainer import data as datalib
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.engine import usable_cores
@@ -299,6 +300,10 @@ def source_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
+
+
+def metadata_props(manifest: dict[str, Any], variant: str) -> dict[str, str]:
+    return _metadata_props(Manifest.from_dict(manifest), variant)
 
 
 def stamp_metadata(path: Path, props: dict[str, str]) -> None:

@@ -1,0 +1,193 @@
+"""The KServe V2 / Open Inference Protocol in core types: what every V2 front end (gRPC now,
+HTTP next) converts its wire format to and from.
+
+A V2 request names a model and an optional version (a string of ASCII digits), carries one
+input tensor `images` (UINT8 or FP32, NCHW) as raw little-endian bytes or as typed values,
+and may ask for `logits` and/or `probabilities`, each optionally through the classification
+extension (the top k classes as "<value>:<index>:<label>" strings, best first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving import __version__
+from serving.codec import float_to_uint8
+from serving.contract import INPUT_NAME, OUTPUT_NAMES, InputSpec
+from serving.errors import InvalidInput, ModelNotFound
+
+SERVER_NAME = "convserve"
+SERVER_VERSION = __version__
+EXTENSIONS = ("classification",)
+PLATFORM = "onnxruntime_onnx"
+DATATYPES = {"UINT8": 1, "FP32": 4}  # input datatypes taken, and their item sizes
+
+
+@dataclass(frozen=True)
+class InferInput:
+    """One input tensor: `data` is raw little-endian bytes, or the typed values as an array
+    (None when the request carried neither for a datatype we do not take)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes | np.ndarray | None
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    classification: int = 0  # > 0: the classification extension's top k
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    model: str
+    version: int | None
+    id: str
+    inputs: Sequence[InferInput]
+    outputs: Sequence[RequestedOutput]  # empty: every output, as tensors
+
+
+@dataclass(frozen=True)
+class InferOutput:
+    """FP32 values (N, K), or BYTES classification strings (N * k of them, row-major)."""
+
+    name: str
+    datatype: str  # "FP32" | "BYTES"
+    shape: tuple[int, int]
+    data: np.ndarray | list[bytes]
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model: str
+    version: int
+    id: str
+    outputs: list[InferOutput]
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1: any size (the batch)
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+
+def version_number(text: str) -> int | None:
+    """A V2 model version (a string) as the repository's number; "" is the latest."""
+    if not text:
+        return None
+    # ASCII digits only: str.isdigit() admits "²" and "١", and int() refuses > 4300 digits.
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise ModelNotFound(f"model version {clip(text)!r} is not a version number")
+    return int(text)
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """A client's string, short enough to quote back in an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def model_metadata(
+    name: str, versions: Sequence[int], spec: InputSpec, num_classes: int
+) -> ModelMetadata:
+    return ModelMetadata(
+        name=name,
+        versions=tuple(str(v) for v in versions),
+        platform=PLATFORM,
+        inputs=(TensorMetadata(INPUT_NAME, "UINT8", (-1, *spec.shape)),),
+        outputs=tuple(TensorMetadata(n, "FP32", (-1, num_classes)) for n in OUTPUT_NAMES),
+    )
+
+
+def input_rows(inputs: Sequence[InferInput], spec: InputSpec, max_images: int) -> np.ndarray:
+    """A request's one input tensor -> validated (N, C, H, W) uint8 rows for `spec`."""
+    if len(inputs) != 1:
+        raise InvalidInput(f"expected exactly one input tensor 'images', got {len(inputs)}")
+    t = inputs[0]
+    if t.name != INPUT_NAME:
+        raise InvalidInput(f"unknown input {clip(t.name)!r}; the model takes 'images'")
+    shape = tuple(int(d) for d in t.shape)
+    if len(shape) != 4 or shape[1:] != spec.shape:
+        shown = list(shape) if len(shape) <= 8 else f"{len(shape)} dimensions"
+        raise InvalidInput(
+            f"input 'images' must have shape [N, {', '.join(map(str, spec.shape))}], got {shown}"
+        )
+    n = shape[0]
+    if n < 1:
+        raise InvalidInput(f"input 'images' has batch size {n}")
+    if n > max_images:
+        raise InvalidInput(f"request has {n} images; the limit is {max_images}")
+    itemsize = DATATYPES.get(t.datatype)
+    if itemsize is None:
+        raise InvalidInput(f"input 'images' datatype must be UINT8 or FP32, got {t.datatype}")
+    data = _raw_bytes(t)
+    expected = n * spec.nbytes * itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"input 'images' holds {len(data)} bytes; shape {list(shape)} of {t.datatype} "
+            f"needs {expected}"
+        )
+    if t.datatype == "UINT8":
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    return float_to_uint8(np.frombuffer(data, dtype="<f4").reshape(shape))
+
+
+def _raw_bytes(t: InferInput) -> bytes:
+    if t.data is None:
+        return b""
+    if isinstance(t.data, bytes):
+        return t.data
+    if t.datatype == "UINT8":
+        values = np.asarray(t.data, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise InvalidInput("UINT8 contents must lie in 0..255")
+        return values.astype(np.uint8).tobytes()
+    return np.asarray(t.data, dtype="<f4").tobytes()
+
+
+def requested_outputs(outputs: Sequence[RequestedOutput]) -> list[RequestedOutput]:
+    """The outputs to answer, each checked; every output when none is named."""
+    wanted = list(outputs) or [RequestedOutput(n) for n in OUTPUT_NAMES]
+    for i, o in enumerate(wanted):
+        if o.name not in OUTPUT_NAMES:
+            raise InvalidInput(f"unknown output {clip(o.name)!r}; have {list(OUTPUT_NAMES)}")
+        # Each at most once: 30,000 copies in a 1 MB request cost seconds of event loop.
+        if any(o.name == other.name for other in wanted[:i]):
+            raise InvalidInput(f"output {o.name!r} is requested more than once")
+        if o.classification < 0:
+            raise InvalidInput(f"output {o.name!r}: classification must be >= 0")
+    return wanted
+
+
+def outputs(
+    out: np.ndarray, wanted: Sequence[RequestedOutput], labels: Sequence[str]
+) -> list[InferOutput]:
+    """The batcher's (N, 2, K) logits and probabilities as the requested output tensors."""
+    n, k = len(out), len(labels)
+    answers = []
+    for o in wanted:
+        values = out[:, OUTPUT_NAMES.index(o.name)]
+        if o.classification:
+            kk = min(o.classification, k)
+            order = np.argsort(-values, axis=1, kind="stable")[:, :kk]
+            strings = [
+                f"{values[r, c]:f}:{c}:{labels[c]}".encode() for r in range(n) for c in order[r]
+            ]
+            answers.append(InferOutput(o.name, "BYTES", (n, kk), strings))
+        else:
+            answers.append(InferOutput(o.name, "FP32", (n, k), values))
+    return answers
