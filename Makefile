@@ -67,6 +67,7 @@ fuzz: install  ## fuzz the codec and V2 tensor parsing for FUZZ_SECONDS each; wr
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -22,7 +22,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,28 +46,15 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # The manifest keys stamped into every ONNX file of a version, as METADATA_PREFIX + key (JSON
 # unless the value is a string), and those of them the server checks against manifest.json.
 METADATA_PREFIX = "convserve."
-METADATA_KEYS = (
-    "name",
-    "labels",
-    "input",
-    "mean",
-    "std",
-    "dataset",
-    "test_accuracy",
-    "convserve_version",
-    "source_commit",
-)
+METADATA_KEYS = ("name", "labels", "input", "mean", "std", "dataset", "test_accuracy")
+METADATA_KEYS += ("convserve_version", "source_commit")
 METADATA_CHECKED = ("name", "labels", "input", "mean")
 
 
 # ----------------------------------------------------------------------------- layout
 def valid_model_name(name: str) -> bool:
     """A model folder name the server serves and the exporter may write."""
-    return bool(NAME_RE.fullmatch(name)) and not name.isdigit()
-
-
-def version_folder(repository: Path, name: str, version: int) -> Path:
-    return repository / name / str(version)
+    return bool(NAME_RE.fullmatch(name))
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -145,20 +132,13 @@ class Stage:
     start: float  # input coordinate of the centre of map unit (0, 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "layer": self.layer,
-            "kind": self.kind,
-            "shape": list(self.shape),
-            "receptive_field": self.receptive_field,
-            "jump": self.jump,
-            "start": self.start,
-        }
+        return {**asdict(self), "shape": list(self.shape)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """manifest.json: what a version is, how it was made and how faithful it is.
+    """manifest.json, its fields in the file's order: what a version is, how it was made and
+    how faithful it is.
 
     The server needs `labels`, `input` and `mean` (Explain fills occluded patches with it);
     everything else describes the version and may be absent from a manifest not written by
@@ -166,13 +146,13 @@ class Manifest:
     recipe) are JSON objects whose inside is the exporter's to describe (trainer/export).
     """
 
-    labels: tuple[str, ...]
-    input: InputSpec
-    mean: tuple[float, ...]
+    format: str = MANIFEST_FORMAT
     name: str = ""
     version: int = 0
-    format: str = MANIFEST_FORMAT
+    labels: tuple[str, ...]
+    input: InputSpec
     outputs: tuple[str, ...] = OUTPUT_NAMES
+    mean: tuple[float, ...]
     std: tuple[float, ...] | None = None
     dataset: str = ""
     test_accuracy: float | None = None  # fraction 0..1, PyTorch's (parity makes ORT's equal)
@@ -204,7 +184,7 @@ class Manifest:
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
-        return {k: out[k] for k in _KEY_ORDER}
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -255,31 +235,6 @@ class Manifest:
         except ValueError as exc:
             raise ManifestError("(root)", f"not valid JSON ({exc})") from None
         return cls.from_dict(doc)
-
-
-_KEY_ORDER = (
-    "format",
-    "name",
-    "version",
-    "labels",
-    "input",
-    "outputs",
-    "mean",
-    "std",
-    "dataset",
-    "test_accuracy",
-    "opset",
-    "exporter",
-    "parity",
-    "variants",
-    "rejected_variants",
-    "insight",
-    "training",
-    "created_at",
-    "source_commit",
-    "convserve_version",
-    "files",
-)
 
 
 def _insight_dict(stages: tuple[Stage, ...]) -> dict[str, Any]:
@@ -360,36 +315,38 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _float(value: Any, key: str) -> float:
+    if not _number(value):
+        raise ManifestError(key, f"must be a number, got {_show(value)}")
+    return float(value)
+
+
 def _fraction(value: Any) -> float:
-    if not (_number(value) and 0.0 <= value <= 1.0):
+    if not 0.0 <= _float(value, "test_accuracy") <= 1.0:
         raise ManifestError("test_accuracy", f"must be a fraction in 0..1, got {_show(value)}")
     return float(value)
 
 
 def _unit_floats(value: Any, key: str, channels: int) -> tuple[float, ...]:
-    if not (
-        isinstance(value, list)
-        and len(value) == channels
-        and all(_number(m) and 0.0 <= m <= 1.0 for m in value)
-    ):
-        raise ManifestError(
-            key,
-            f"must list {channels} training-{key} value(s) in 0..1 (one per channel), "
-            f"got {_show(value)}",
-        )
-    return tuple(float(m) for m in value)
+    what = f"training-{key} value(s) in 0..1"
+    return _floats(value, key, channels, lambda v: 0.0 <= v <= 1.0, what)
 
 
 def _positive_floats(value: Any, key: str, channels: int) -> tuple[float, ...]:
+    return _floats(value, key, channels, lambda v: v > 0, "positive value(s)")
+
+
+def _floats(value: Any, key: str, channels: int, ok: Any, what: str) -> tuple[float, ...]:
+    """One number per channel, each passing `ok`."""
     if not (
         isinstance(value, list)
         and len(value) == channels
-        and all(_number(s) and s > 0 for s in value)
+        and all(_number(v) and ok(v) for v in value)
     ):
         raise ManifestError(
-            key, f"must list {channels} positive value(s), one per channel, got {_show(value)}"
+            key, f"must list {channels} {what} (one per channel), got {_show(value)}"
         )
-    return tuple(float(s) for s in value)
+    return tuple(float(v) for v in value)
 
 
 def _str_list(value: Any, key: str) -> list[str]:
@@ -413,34 +370,27 @@ def _files(value: Any) -> dict[str, str]:
 
 
 def _stages(value: Any) -> tuple[Stage, ...]:
-    insight = _object(value, "insight")
-    stages = insight.get("stages", [])
+    stages = _object(value, "insight").get("stages", [])
     if not isinstance(stages, list):
         raise ManifestError("insight.stages", f"must be a list, got {_show(stages)}")
-    out = []
-    for i, s in enumerate(stages):
-        key = f"insight.stages[{i}]"
-        s = _object(s, key)
-        shape = s.get("shape", [])
-        if not (isinstance(shape, list) and len(shape) == 3 and all(_number(d) for d in shape)):
-            raise ManifestError(f"{key}.shape", f"must be [C, H, W], got {_show(shape)}")
-        start = s.get("start", 0.0)
-        if not _number(start):
-            raise ManifestError(f"{key}.start", f"must be a number, got {_show(start)}")
-        out.append(
-            Stage(
-                name=_str(s.get("name"), f"{key}.name"),
-                layer=_int(s.get("layer", 0), f"{key}.layer"),
-                kind=_str(s.get("kind", ""), f"{key}.kind"),
-                shape=(int(shape[0]), int(shape[1]), int(shape[2])),
-                receptive_field=_optional(
-                    s.get("receptive_field"), lambda v, k=key: _int(v, f"{k}.receptive_field")
-                ),
-                jump=_int(s.get("jump", 0), f"{key}.jump"),
-                start=start,
-            )
-        )
-    return tuple(out)
+    return tuple(_stage(s, f"insight.stages[{i}]") for i, s in enumerate(stages))
+
+
+def _stage(value: Any, key: str) -> Stage:
+    s = _object(value, key)
+    shape, rf = s.get("shape"), s.get("receptive_field")
+    if not (isinstance(shape, list) and len(shape) == 3):
+        raise ManifestError(f"{key}.shape", f"must be [C, H, W], got {_show(shape)}")
+    c, h, w = (_int(d, f"{key}.shape") for d in shape)
+    return Stage(
+        name=_str(s.get("name"), f"{key}.name"),
+        layer=_int(s.get("layer", 0), f"{key}.layer"),
+        kind=_str(s.get("kind", ""), f"{key}.kind"),
+        shape=(c, h, w),
+        receptive_field=None if rf is None else _int(rf, f"{key}.receptive_field"),
+        jump=_int(s.get("jump", 0), f"{key}.jump"),
+        start=_float(s.get("start", 0.0), f"{key}.start"),
+    )
 
 
 def _optional(value: Any, parse: Any) -> Any:

@@ -251,11 +251,12 @@ class ModelRepository:
                 session.provider,
             )
         log.info(
-            "loaded %s version %d (%s, %s) in %.2fs",
+            "loaded %s version %d (%s, %s, %s intra-op threads) in %.2fs",
             name,
             version,
             mv.variant_file,
             session.provider,
+            self.loader.runtime.intra_op_threads or "ORT's default",
             time.monotonic() - t0,
         )
         return mv

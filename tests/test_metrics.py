@@ -394,9 +394,9 @@ def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_reposito
         pids = wait_for("2 loaded workers", two_ready_workers, timeout=60)
         cores = len(os.sched_getaffinity(0))
         for pid in pids:  # ORT's threads are shared out, not one per core in every worker
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            i = len(argv) - 1 - argv[::-1].index(b"--intra-op-threads")
-            assert int(argv[i + 1]) == max(1, cores // 2)
+            loaded = re.search(rf"\[{pid}\]: loaded .*, (\S+) intra-op threads\)", s.log())
+            assert loaded, s.log()
+            assert loaded.group(1) == str(max(1, cores // 2))
         w, channels = Workload(ok=2, invalid=1, not_found=0, model_info=0), 16
         for c in range(channels):  # separate connections: SO_REUSEPORT spreads connections
             with new_channel(s.target) as ch:
