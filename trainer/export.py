@@ -81,6 +81,7 @@ from serving.repository import (
     metadata_props,
 )
 from trainer import data as datalib
+from trainer.atomic import fsync_dir, fsync_tree, umasked, write_atomic
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.engine import usable_cores
 from trainer.int8 import quantize_int8
@@ -481,44 +482,6 @@ def triton_config(name: str, in_shape: tuple[int, int, int], num_classes: int) -
     )
 
 
-def _umasked(mode: int) -> int:
-    """`mode` as a plain mkdir/open would give it; mkdtemp and mkstemp use 0o700/0o600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file via a hidden temp file in the same folder, fsync and rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), _umasked(0o666))
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -551,15 +514,15 @@ def _prepare_model_dir(repository: Path, name: str, version: int | None) -> tupl
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    os.chmod(tmp, _umasked(0o777))  # readable by a server running as another user
-    _fsync_tree(tmp)
+    os.chmod(tmp, umasked(0o777))  # readable by a server running as another user
+    fsync_tree(tmp)
     if final.exists():
         raise ExportError(f"{final} appeared while exporting; nothing was overwritten")
     try:
         os.rename(tmp, final)  # atomic: the all-digit name appears complete or not at all
     except OSError as exc:  # ENOTEMPTY/EEXIST: another export published it first
         raise ExportError(f"could not publish {final}: {exc.strerror or exc}") from None
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 # ----------------------------------------------------------------------------- the export
@@ -639,7 +602,7 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     try:
         config = triton_config(name, tuple(state["in_shape"]), len(state["classes"]))
-        write_atomic(model_dir / "config.pbtxt", config)
+        write_atomic(model_dir / "config.pbtxt", config, mode=0o666)
     except OSError as exc:
         raise ExportError(f"could not write {model_dir / 'config.pbtxt'}: {exc}") from None
     log.info("published %s (test accuracy %.4f)", final, manifest["test_accuracy"])
