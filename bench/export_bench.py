@@ -35,8 +35,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
+from serving.cores import usable_cores
 from trainer.data import load_dataset
-from trainer.engine import usable_cores
 from trainer.export import export_checkpoint, versions
 from trainer.int8 import CalibrationReader, calibration_images
 

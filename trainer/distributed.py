@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from serving.cores import usable_cores
 from trainer.recipe import RecipeError
 
 log = logging.getLogger("convserve.train")
@@ -214,8 +215,6 @@ def launch(options: LaunchOptions, module: str, argv: Sequence[str]) -> int:
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
-
-    from trainer.engine import usable_cores
 
     # Each rank sets its own thread count (cores / local ranks); setting it here as well keeps
     # torchrun from warning that it chose 1 thread for us.

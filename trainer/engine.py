@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from serving.cores import usable_cores
 from trainer import data as datalib
 from trainer.augment import (
     BatchAugment,
@@ -88,13 +89,6 @@ def select_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name}: CUDA is not available on this machine")
     return dev
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def configure_threads(device: torch.device, world_size: int = 1) -> int:

@@ -73,6 +73,7 @@ from pydantic import ValidationError
 from torch import nn
 
 import trainer
+from serving.cores import usable_cores
 from serving.repository import (
     INSIGHT_FILE,
     MANIFEST_FILE,
@@ -83,7 +84,6 @@ from serving.repository import (
 from trainer import data as datalib
 from trainer.atomic import fsync_dir, fsync_tree, umasked, write_atomic
 from trainer.checkpoint import CheckpointError, load_checkpoint
-from trainer.engine import usable_cores
 from trainer.int8 import quantize_int8
 from trainer.models import Classifier, build_model
 from trainer.recipe import Recipe, RecipeError, load_recipe_data
