@@ -96,8 +96,8 @@ def accuracy(path: Path, images: np.ndarray, labels: np.ndarray, threads: int) -
 
 def default_model(work: Path, epochs: int) -> Path:
     """Train and export the default recipe into `work`, or reuse what an earlier run left."""
-    from trainer.engine import fit
     from trainer.recipe import load_recipe
+    from trainer.run import fit
 
     run, model_dir = work / "run", work / "models" / "fashion-mnist"
     if not (run / "checkpoints" / "best.pt").exists():

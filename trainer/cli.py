@@ -127,7 +127,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     world = World.from_env()
     setup_logging(args.quiet or not world.is_main)  # the other ranks stay quiet
-    from trainer.engine import ResumeError, TrainingDiverged, fit
+    from trainer.engine import TrainingDiverged
+    from trainer.run import ResumeError, fit
 
     overrides = list(args.overrides)
     if args.data_dir:
