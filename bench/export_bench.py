@@ -35,12 +35,18 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
+from serving.contract import INPUT_NAME, MANIFEST_FILE, OUTPUT_NAMES, VARIANT_FILES, versions
+from serving.cores import usable_cores
 from trainer.data import load_dataset
-from trainer.engine import usable_cores
-from trainer.export import export_checkpoint, versions
-from trainer.int8 import CalibrationReader, calibration_images
+from trainer.export import export_checkpoint
+from trainer.export.int8 import CalibrationReader, calibration_images
 
-FILES = {"fp32": "model.onnx", "optimized": "model.opt.onnx", "int8": "model.int8.onnx"}
+FILES = {
+    "fp32": VARIANT_FILES["fp32"],
+    "optimized": VARIANT_FILES["opt"],
+    "int8": VARIANT_FILES["int8"],
+}
+_, PROBABILITIES = OUTPUT_NAMES
 BATCHES = (1, 32)
 TARGET_SPEEDUP, TARGET_MAX_DROP = 1.5, 0.5
 
@@ -66,7 +72,7 @@ def throughput(
     paths: dict[str, Path], images: np.ndarray, batch: int, threads: int, repeats: int
 ) -> dict[str, float]:
     """Median images/s of each graph at `batch`; graphs alternate within every repeat."""
-    x = {"images": np.ascontiguousarray(images[:batch])}
+    x = {INPUT_NAME: np.ascontiguousarray(images[:batch])}
     runs = {}
     for label, path in paths.items():
         s = session(path, threads)
@@ -87,7 +93,7 @@ def accuracy(path: Path, images: np.ndarray, labels: np.ndarray, threads: int) -
     s = session(path, threads)
     pred = np.concatenate(
         [
-            s.run(["probabilities"], {"images": images[i : i + 500]})[0].argmax(1)
+            s.run([PROBABILITIES], {INPUT_NAME: images[i : i + 500]})[0].argmax(1)
             for i in range(0, len(images), 500)
         ]
     )
@@ -96,8 +102,8 @@ def accuracy(path: Path, images: np.ndarray, labels: np.ndarray, threads: int) -
 
 def default_model(work: Path, epochs: int) -> Path:
     """Train and export the default recipe into `work`, or reuse what an earlier run left."""
-    from trainer.engine import fit
     from trainer.recipe import load_recipe
+    from trainer.run import fit
 
     run, model_dir = work / "run", work / "models" / "fashion-mnist"
     if not (run / "checkpoints" / "best.pt").exists():
@@ -110,7 +116,7 @@ def default_model(work: Path, epochs: int) -> Path:
 def int8_alternatives(model_dir: Path, work: Path, train_images: np.ndarray) -> dict[str, Path]:
     """Other INT8 settings from the same fp32 graph and calibration images."""
     pre = work / "pre.onnx"
-    quant_pre_process(str(model_dir / "model.onnx"), str(pre))
+    quant_pre_process(str(model_dir / FILES["fp32"]), str(pre))
     calib = calibration_images(train_images, seed=0)
     common = {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}
     settings = {  # the exporter's INT8 is QDQ, per-channel, reduce_range, float stem/classifier
@@ -142,9 +148,7 @@ def int8_alternatives(model_dir: Path, work: Path, train_images: np.ndarray) -> 
     opt = ort.SessionOptions()
     opt.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opt.optimized_model_filepath = str(work / "int8_ort_optimized.onnx")
-    ort.InferenceSession(
-        str(model_dir / "model.int8.onnx"), opt, providers=["CPUExecutionProvider"]
-    )
+    ort.InferenceSession(str(model_dir / FILES["int8"]), opt, providers=["CPUExecutionProvider"])
     out["int8_ort_optimized"] = work / "int8_ort_optimized.onnx"
     return out
 
@@ -164,7 +168,7 @@ def main() -> None:
     args = p.parse_args()
 
     model_dir = args.model_dir or default_model(args.work, args.epochs)
-    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
     missing = [f for f in FILES.values() if not (model_dir / f).exists()]
     if missing:
         raise SystemExit(f"{model_dir} lacks {missing}: export it with optimize and int8")

@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY - <<'PY'
 import json, os, time, traceback, shutil
 import torch
-from trainer.engine import fit
+from trainer.run import fit
 from trainer.recipe import load_recipe
 out = os.environ["OUT"]
 info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0)}

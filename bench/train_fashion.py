@@ -1,6 +1,6 @@
 """Benchmark: the default Fashion-MNIST recipe through our trainer, next to a minimal loop.
 
-Trains `trainer/recipes/fashion_mnist.yaml` with `trainer.engine` (augmentation, EMA,
+Trains `trainer/recipes/fashion_mnist.yaml` with `trainer.run` (augmentation, EMA,
 checks, checkpoints, evaluation) and reports test accuracy, wall time and training
 images/s; then trains the same network with a minimal hand-written PyTorch loop (index a
 batch, forward, loss, backward, step) for the same number of steps on the same tensors, so
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.engine import Trainer, configure_threads
+from trainer.engine import configure_threads
 from trainer.models import build_model
 from trainer.recipe import load_recipe
+from trainer.run import Trainer
 
 
 def minimal_loop(trainer: Trainer, steps: int) -> dict[str, float]:

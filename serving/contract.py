@@ -30,7 +30,7 @@ MANIFEST_FORMAT = "convserve.manifest/1"
 MANIFEST_FILE = "manifest.json"
 TRITON_CONFIG_FILE = "config.pbtxt"
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities")
+LOGITS, PROBABILITIES = OUTPUT_NAMES = ("logits", "probabilities")
 # The file each `cnn-serve --variant` serves; the exporter writes the optional ones.
 VARIANT_FILES = {
     "fp32": "model.onnx",

@@ -25,6 +25,7 @@ from serving.contract import (
     INSIGHT_FILE,
     MANIFEST_FILE,
     OUTPUT_NAMES,
+    PROBABILITIES,
     VARIANT_FILES,
     InputSpec,
     Manifest,
@@ -225,7 +226,7 @@ def check_contract(session: Session, manifest: Manifest, where: str) -> None:
     for out in OUTPUT_NAMES:
         if out not in session.output_names:
             raise ModelLoadError(f"{where}: graph has no '{out}' output", "contract")
-    k = session.output_shape(OUTPUT_NAMES[1])[-1]
+    k = session.output_shape(PROBABILITIES)[-1]
     if isinstance(k, int) and k != manifest.num_classes:
         raise ModelLoadError(
             f"{where}: graph has {k} classes, manifest has {manifest.num_classes} labels",

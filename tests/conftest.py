@@ -37,8 +37,8 @@ FASHION_FAST = [
 def fashion_run(tmp_path_factory) -> Path:
     """A run directory (checkpoints/best.pt, results.json, ...) of a quick Fashion-MNIST run."""
     from trainer.data import DataError
-    from trainer.engine import fit
     from trainer.recipe import load_recipe
+    from trainer.run import fit
 
     run_dir = tmp_path_factory.mktemp("fashion_run")
     try:

@@ -36,8 +36,8 @@ from trainer.augment import KeyedDropout
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import train_main
 from trainer.distributed import World
-from trainer.engine import fit
 from trainer.recipe import load_recipe
+from trainer.run import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "k8s" / "train-multinode"

@@ -22,19 +22,13 @@ from onnx import numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 import trainer
-import trainer.export as export
-from serving.repository import METADATA_KEYS
+from serving.contract import METADATA_KEYS, versions
 from trainer.cli import export_main, train_main
 from trainer.data import load_dataset
-from trainer.export import (
-    PROBABILITY_TOLERANCE,
-    ExportError,
-    export_checkpoint,
-    export_onnx,
-    load_model,
-    resolve_checkpoint,
-    variant_rejection,
-)
+from trainer.export import ExportError, export_checkpoint, load_model, resolve_checkpoint
+from trainer.export.graph import WithProbabilities, export_onnx
+from trainer.export.parity import PROBABILITY_TOLERANCE
+from trainer.export.variants import VARIANTS, fp16_variant, variant_rejection
 from trainer.models import build_model
 from trainer.recipe import load_recipe
 
@@ -248,7 +242,7 @@ def test_optimized_variant_keeps_the_fp32_parity_bound(manifest, version_dir):
 
 def test_fp16_conversion_keeps_uint8_in_and_float32_out(version_dir, fashion, tmp_path):
     dst = tmp_path / "model.fp16.onnx"
-    export.fp16_variant(version_dir / "model.onnx", dst, None, 0)
+    fp16_variant(version_dir / "model.onnx", dst, None, 0)
     session = _session(dst)
     assert session.get_inputs()[0].type == "tensor(uint8)"
     assert [o.type for o in session.get_outputs()] == ["tensor(float)", "tensor(float)"]
@@ -288,8 +282,8 @@ def _broken_builder(src: Path, dst: Path, data, seed) -> dict:
 def test_variants_that_lose_accuracy_or_fail_are_rejected_and_not_written(
     fashion_run, tmp_path, monkeypatch
 ):
-    monkeypatch.setitem(export.VARIANTS, "fp16", ("model.fp16.onnx", _negated_classifier))
-    monkeypatch.setitem(export.VARIANTS, "int8", ("model.int8.onnx", _broken_builder))
+    monkeypatch.setitem(VARIANTS, "fp16", ("model.fp16.onnx", _negated_classifier))
+    monkeypatch.setitem(VARIANTS, "int8", ("model.int8.onnx", _broken_builder))
     result = export_checkpoint(fashion_run, tmp_path, MODEL, optimize=False, int8=True, fp16=True)
     m = result.manifest
     assert m["variants"] == {}
@@ -360,7 +354,7 @@ def test_a_killed_export_never_shows_a_half_written_version(fashion_run, tmp_pat
             proc.wait()
         _check_published(model_dir, seen)
     assert _hidden(model_dir), "no kill landed mid-export"
-    assert export.versions(model_dir) == sorted(int(v) for v in seen)
+    assert versions(model_dir) == sorted(int(v) for v in seen)
 
 
 def test_versions_count_up_and_an_existing_version_is_refused(
@@ -371,7 +365,7 @@ def test_versions_count_up_and_an_existing_version_is_refused(
     args = ["--checkpoint", str(fashion_run), "--repository", str(tmp_path), "--name", MODEL]
     assert export_main([*args, "--no-optimize", "--quiet"]) == 0
     assert str(tmp_path / MODEL / "2") in capsys.readouterr().out
-    assert export.versions(tmp_path / MODEL) == [1, 2]
+    assert versions(tmp_path / MODEL) == [1, 2]
     assert json.loads((tmp_path / MODEL / "2" / "manifest.json").read_text())["version"] == 2
 
     assert export_main([*args, "--version", "2", "--quiet"]) == 2
@@ -445,7 +439,7 @@ def test_dynamo_failure_falls_back_to_the_torchscript_exporter(tmp_path, monkeyp
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_breaks)
     path = tmp_path / "model.onnx"
-    assert export_onnx(export.WithProbabilities(model), path, (1, 16, 16), 21) == "torchscript"
+    assert export_onnx(WithProbabilities(model), path, (1, 16, 16), 21) == "torchscript"
     assert "unsupported operator in this test" in caplog.text
     graph = onnx.load(path)
     assert graph.opset_import[0].version <= 20

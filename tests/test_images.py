@@ -376,9 +376,9 @@ def test_trainer_image_exports_a_version_the_serving_container_swaps_to_without_
 ):
     """The retrain flow of deploy/README: the trainer container writes the next version into
     the repository the serving container polls; the swap fails no request."""
-    from trainer.engine import fit
     from trainer.export import export_checkpoint
     from trainer.recipe import load_recipe
+    from trainer.run import fit
 
     small = ["data.shapes_train=1000", "data.shapes_test=200", "data.val_size=100"]
     small += ["train.epochs=1", "train.batch_size=50"]

@@ -27,9 +27,9 @@ from serving.client import Client, PredictionError, predict_main
 from serving.occlusion import Grid, grid, occlusion, peak
 from tests.serving_helpers import ROOT, metric_value, running_server
 from trainer.data import load_dataset, make_shapes
-from trainer.insight import receptive_box
 from trainer.models import Classifier, plan, resolve_layers
 from trainer.recipe import Recipe, load_recipe
+from trainer.report.run import receptive_box
 
 MODEL = "fashion-mnist"
 ARTIFACTS = Path(os.environ.get("CONVSERVE_TEST_ARTIFACTS", ROOT / "runs" / "test-artifacts"))
@@ -168,7 +168,7 @@ def test_the_peak_is_where_overlapping_positions_agree_not_a_lone_spike():
 
 def test_occlusion_peak_lies_inside_the_object_box(shapes_run, record_property):
     from trainer.export import load_model, resolve_checkpoint
-    from trainer.insight import torch_predict
+    from trainer.report.run import torch_predict
 
     state, _, model = load_model(resolve_checkpoint(shapes_run))
     shapes = make_shapes(120, seed=20_240_601, max_area_fraction=0.25)
@@ -284,8 +284,8 @@ def test_audit_of_an_exported_model_runs_without_torch(version_dir, fashion_test
     out = tmp_path / "audit.html"
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises
-        "from trainer.report import main\n"
-        f"rc = main(['--model', {str(version_dir)!r}, '--data', {str(data)!r}, "
+        "from trainer.cli import report_main\n"
+        f"rc = report_main(['--model', {str(version_dir)!r}, '--data', {str(data)!r}, "
         f"'--out', {str(out)!r}])\n"
         "assert 'torch' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
         "sys.exit(rc)\n"

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trainer.int8 import REWRITE_TOLERANCE, float_plan, quantize_int8
+from trainer.export.int8 import REWRITE_TOLERANCE, float_plan, quantize_int8
 
 RNG = np.random.default_rng(0)
 

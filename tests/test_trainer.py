@@ -16,9 +16,9 @@ import torch
 from trainer.augment import BatchAugment, step_generator
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.cli import train_main
-from trainer.engine import fit
 from trainer.models import build_model, plan
 from trainer.recipe import AugmentConfig, ConvLayer, RecipeError, load_recipe
+from trainer.run import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

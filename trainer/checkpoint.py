@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from trainer.atomic import write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -31,26 +32,13 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     # EFBIG past RLIMIT_FSIZE) into an opaque RuntimeError; a plain write keeps the OSError.
     buf = io.BytesIO()
     torch.save(state, buf)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {exc.strerror or exc}; "
-                "the previous checkpoint is intact"
-            ) from exc
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        write_atomic(path, buf.getbuffer())
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {exc.strerror or exc}; "
+            "the previous checkpoint is intact"
+        ) from exc
     return path
 
 

@@ -1,4 +1,8 @@
-"""Command-line entry points: `cnn-train` and `cnn-export`."""
+"""Command-line entry points: `cnn-train`, `cnn-export` and `cnn-report`.
+
+Each command imports what its path needs when it runs: `cnn-report --model` audits an
+exported model with ONNX Runtime alone and must not import torch.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,18 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
-from trainer.distributed import LaunchOptions, World
 from trainer.recipe import Recipe, RecipeError, list_recipes, load_recipe
+from trainer.report import ReportError
 
-# Errors a user can act on: printed as one clear message, never a stack trace.
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, DataError, CheckpointError)
+if TYPE_CHECKING:
+    from trainer.distributed import World
+
+# Errors a user can act on: printed as one clear message, never a stack trace (with
+# trainer.checkpoint.CheckpointError, imported with torch by the commands that train).
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, DataError)
 
 
 def setup_logging(quiet: bool) -> None:
@@ -92,7 +100,7 @@ LAUNCH_FLAGS = (  # the launcher's options above, each with a value
 
 def _launch(args: argparse.Namespace, recipe: Recipe, argv: Sequence[str]) -> int:
     """Start this command on --nproc processes (per machine) under torchrun."""
-    from trainer.distributed import launch
+    from trainer.distributed import LaunchOptions, World, launch
 
     opts = LaunchOptions(
         args.nproc,
@@ -125,9 +133,13 @@ def _without_launch_options(argv: Sequence[str]) -> list[str]:
 def train_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _train_parser().parse_args(argv)
+    from trainer.checkpoint import CheckpointError
+    from trainer.distributed import World
+
     world = World.from_env()
     setup_logging(args.quiet or not world.is_main)  # the other ranks stay quiet
-    from trainer.engine import ResumeError, TrainingDiverged, fit
+    from trainer.engine import TrainingDiverged
+    from trainer.run import ResumeError, fit
 
     overrides = list(args.overrides)
     if args.data_dir:
@@ -140,7 +152,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             return _launch(args, recipe, argv)
         resume = args.resume or _resume_after_restart(args, world)
         result = fit(recipe, args.out, resume=resume, quiet=args.quiet, world=world)
-    except (*USER_ERRORS, ResumeError, TrainingDiverged) as exc:
+    except (*USER_ERRORS, CheckpointError, ResumeError, TrainingDiverged) as exc:
         print(f"cnn-train: error: {exc}", file=sys.stderr)
         return 2
     if not world.is_main:
@@ -177,10 +189,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def _write_report(run_dir: Path, data_dir: str | None) -> None:
     """The run's HTML report; a failure is reported and does not fail the trained run."""
-    from trainer.report import ReportError, build_run_report
+    from trainer.report.run import run_report
 
     try:
-        print(f"report {build_run_report(run_dir, data_dir=data_dir)}")
+        print(f"report {run_report(run_dir, data_dir=data_dir)}")
     except ReportError as exc:
         print(f"cnn-train: warning: no report: {_one_line(exc)}", file=sys.stderr)
 
@@ -251,6 +263,49 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         f"exported {result.version_dir} (test accuracy {m['test_accuracy']:.4f}, "
         f"variants: {', '.join(m['variants']) or 'none'})"
     )
+    return 0
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnn-report",
+        description="Write a self-contained HTML report of what a CNN learned: from a training "
+        "run (RUN_DIR), or from an exported model and labelled data (--model, --data; no torch).",
+    )
+    p.add_argument("run_dir", nargs="?", help="training run directory (cnn-train --out)")
+    p.add_argument("--out", type=Path, help="HTML file (default RUN_DIR/report.html, audit.html)")
+    p.add_argument("--model", type=Path, help="model version folder: models/NAME/VERSION")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="labelled images for --model: class folders (label or index names) of image "
+        "files, or a folder of IDX files (t10k-images-idx3-ubyte[.gz] + labels)",
+    )
+    p.add_argument("--data-dir", help="dataset files for RUN_DIR's recipe (data.data_dir)")
+    return p
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """`cnn-report RUN_DIR` (imports torch) or `cnn-report --model V --data PATH` (no torch)."""
+    p = _report_parser()
+    args = p.parse_args(argv)
+    if (args.run_dir is None) == (args.model is None):
+        p.error("give either RUN_DIR or --model (with --data)")
+    try:
+        if args.model is not None:
+            if args.data is None:
+                p.error("--model needs --data")
+            from trainer.report.audit import audit_report
+
+            out = audit_report(args.model, args.data, args.out or Path("audit.html"))
+        else:
+            from trainer.report.run import run_report
+
+            out = run_report(args.run_dir, args.out, args.data_dir)
+    except ReportError as exc:
+        print(f"cnn-report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report {out}")
     return 0
 
 

@@ -20,6 +20,7 @@ rows added), so N-process weights equal one process's to float32 rounding, not b
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -28,10 +29,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from serving.cores import usable_cores
 from trainer.recipe import RecipeError
 
 log = logging.getLogger("convserve.train")
+
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers; older torch has the old name.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,18 @@ class World:
         if self.joined:
             dist.barrier()
 
+    def data_parallel(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Under torchrun, DDP averages the gradients over ranks during the backward pass."""
+        if not self.joined:
+            return model
+        # Buffers are not broadcast from rank 0 at every forward: the only buffers that move
+        # are batch-norm statistics, which are averaged once per epoch instead.
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
+
+
+ONE_PROCESS = World()  # no torchrun: every collective is a no-op
+
 
 @contextlib.contextmanager
 def process_group(world: World, device: torch.device) -> Iterator[World]:
@@ -214,8 +236,6 @@ def launch(options: LaunchOptions, module: str, argv: Sequence[str]) -> int:
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
-
-    from trainer.engine import usable_cores
 
     # Each rank sets its own thread count (cores / local ranks); setting it here as well keeps
     # torchrun from warning that it chose 1 thread for us.

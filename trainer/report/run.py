@@ -1,4 +1,4 @@
-"""What a trained CNN learned, computed from its run directory (PyTorch side of the report).
+"""What a trained CNN learned, computed from its run directory (`cnn-report RUN_DIR`, torch).
 
 Filters, activation maps per conv stage, receptive fields (from the analytic plan, drawn on an
 input), the test patches that drive the last stage's channels most (cropped to the unit's
@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from trainer import data as datalib
-from trainer import figures
-from trainer.audit import evaluation_sections
+from trainer.export import ExportError, load_model, resolve_checkpoint
 from trainer.models import Classifier, LayerInfo
 from trainer.recipe import Recipe, load_recipe_data
-from trainer.report import ReportError, Section, table_html, write_report
+from trainer.report import ReportError, figures
+from trainer.report.evaluation import Predict, evaluation_sections
+from trainer.report.page import Section, table_html, write_report
 
 ACTIVATION_IMAGES = 3
 PATCH_SEARCH_IMAGES = 2000
@@ -54,7 +55,7 @@ def stage_maps(model: Classifier, images: np.ndarray, batch: int = 500) -> list[
     return [torch.cat([p[s] for p in parts]).numpy() for s in range(len(parts[0]))]
 
 
-def torch_predict(model: Classifier, batch: int = 500):
+def torch_predict(model: Classifier, batch: int = 500) -> Predict:
     @torch.inference_mode()
     def predict(x: np.ndarray) -> np.ndarray:
         out = [
@@ -115,8 +116,6 @@ def _architecture(model: Classifier) -> Section:
 
 
 def _load(run_dir: Path, data_dir: str | None) -> tuple[dict, Recipe, Classifier, Any]:
-    from trainer.export import ExportError, load_model, resolve_checkpoint
-
     try:
         state, recipe, model = load_model(resolve_checkpoint(run_dir))
     except ExportError as exc:
@@ -129,8 +128,11 @@ def _load(run_dir: Path, data_dir: str | None) -> tuple[dict, Recipe, Classifier
     return state, recipe, model, ds
 
 
-def run_report(run_dir: Path, out: Path, data_dir: str | None = None) -> Path:
-    """Build and write the full report of a training run; returns the HTML path."""
+def run_report(run_dir: str | Path, out: Path | None = None, data_dir: str | None = None) -> Path:
+    """Build and write the full report of a training run (default RUN_DIR/report.html);
+    returns the HTML path."""
+    run_dir = Path(run_dir)
+    out = out or run_dir / "report.html"
     torch.set_num_threads(max(1, torch.get_num_threads()))
     state, recipe, model, ds = _load(run_dir, data_dir)
     classes = list(state["classes"])

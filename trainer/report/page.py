@@ -1,23 +1,15 @@
-"""`cnn-report`: one self-contained HTML page that shows what a CNN learned.
+"""The report page: sections (a figure or a table, with a caption) assembled into one HTML file.
 
-Figures come from `trainer.figures` (plain data in, matplotlib Figure out); this module only
-assembles them: each becomes a PNG beside the HTML file and a data URI inside it, so the page
-needs nothing from the network and stays readable offline.
-
-    cnn-report RUN_DIR [--out report.html]          everything (needs torch: trainer.insight)
-    cnn-report --model models/NAME/VERSION --data PATH [--out audit.html]
-                                                    the ONNX-only parts (trainer.audit, no torch)
-
-This module imports neither torch nor onnxruntime; the path taken imports what it needs.
+Figures come from `trainer.report.figures` (plain data in, matplotlib Figure out); this module
+only assembles them: each becomes a PNG beside the HTML file and a data URI inside it, so the
+page needs nothing from the network and stays readable offline. No torch, no onnxruntime.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +28,6 @@ class Section:
     caption: str
     figure: Any = None  # matplotlib Figure
     table: str = ""  # HTML
-
-
-class ReportError(Exception):
-    """A report that cannot be built; the message says why in one line."""
 
 
 def table_html(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -96,57 +84,3 @@ def write_report(title: str, facts: str, sections: Sequence[Section], out: Path)
     parts.append("</body></html>\n")
     out.write_text("".join(parts))
     return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cnn-report",
-        description="Write a self-contained HTML report of what a CNN learned: from a training "
-        "run (RUN_DIR), or from an exported model and labelled data (--model, --data; no torch).",
-    )
-    p.add_argument("run_dir", nargs="?", help="training run directory (cnn-train --out)")
-    p.add_argument("--out", type=Path, help="HTML file (default RUN_DIR/report.html, audit.html)")
-    p.add_argument("--model", type=Path, help="model version folder: models/NAME/VERSION")
-    p.add_argument(
-        "--data",
-        type=Path,
-        help="labelled images for --model: class folders (label or index names) of image "
-        "files, or a folder of IDX files (t10k-images-idx3-ubyte[.gz] + labels)",
-    )
-    p.add_argument("--data-dir", help="dataset files for RUN_DIR's recipe (data.data_dir)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = _parser()
-    args = p.parse_args(argv)
-    if (args.run_dir is None) == (args.model is None):
-        p.error("give either RUN_DIR or --model (with --data)")
-    try:
-        if args.model is not None:
-            if args.data is None:
-                p.error("--model needs --data")
-            from trainer.audit import audit_report
-
-            out = audit_report(args.model, args.data, args.out or Path("audit.html"))
-        else:
-            out = build_run_report(args.run_dir, args.out, args.data_dir)
-    except ReportError as exc:
-        print(f"cnn-report: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report {out}")
-    return 0
-
-
-def build_run_report(
-    run_dir: str | Path, out: Path | None = None, data_dir: str | None = None
-) -> Path:
-    """The full report of a training run (imports torch via trainer.insight)."""
-    from trainer.insight import run_report
-
-    run = Path(run_dir)
-    return run_report(run, out or run / "report.html", data_dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -49,10 +49,10 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from serving.contract import INPUT_NAME, LOGITS
+
 log = logging.getLogger("convserve.export")
 
-INPUT_NAME = "images"  # the graph's names, as trainer.export writes them (it imports us)
-LOGITS = "logits"
 CALIBRATION_IMAGES = 512
 STEM_MIN_PRODUCTS = 64  # a convolution with fewer products per output value stays float
 REWRITE_TOLERANCE = 1e-4  # max |delta logit| a rewrite of the float graph may cause

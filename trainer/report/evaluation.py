@@ -1,0 +1,109 @@
+"""The report parts that need only predictions: occlusion maps, the confusion matrix,
+per-class accuracy and the most confident mistakes. The training report (trainer.report.run,
+PyTorch) and the ONNX-only audit (trainer.report.audit) both show them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from serving.occlusion import Grid, grid, occlusion, upsample
+from trainer.report import figures
+from trainer.report.page import Section
+
+Predict = Callable[[np.ndarray], np.ndarray]  # uint8 NCHW images -> probabilities
+OCCLUDED_IMAGES = 6
+MISTAKES = 16
+
+
+def occlusion_grid(height: int, width: int) -> Grid:
+    """The report's occlusion grid: the default patch, overlapping with stride patch // 3."""
+    g = grid(height, width)
+    return grid(height, width, g.patch, max(1, g.patch // 3))
+
+
+def evaluation_sections(
+    images: np.ndarray,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    predict: Predict,
+    mean: Sequence[float],
+) -> list[Section]:
+    """Occlusion maps, confusion matrix, per-class accuracy and confident mistakes."""
+    k = len(classes)
+    pred = probabilities.argmax(1)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
+    accuracy = float((pred == labels).mean())
+    return [
+        _occlusion_section(images, labels, classes, predict, mean),
+        Section(
+            "confusion",
+            "Confusion matrix (test set)",
+            f"Each cell counts test images of the row's true class predicted as the column's "
+            f"class; the diagonal holds the {int(cm.trace())} correct ones of {len(labels)} "
+            f"(accuracy {accuracy:.2%}). Bright cells off the diagonal are the classes the "
+            "network confuses.",
+            figures.confusion_matrix(cm, classes),
+        ),
+        Section(
+            "per_class",
+            "Per-class accuracy (test set)",
+            "The share of each class's test images classified correctly; the dashed line is "
+            "the mean over classes. Short bars are the hard classes.",
+            figures.per_class_accuracy(per_class, classes),
+        ),
+        _mistakes_section(images, labels, probabilities, classes),
+    ]
+
+
+def _occlusion_section(
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    predict: Predict,
+    mean: Sequence[float],
+) -> Section:
+    g = occlusion_grid(images.shape[2], images.shape[3])
+    picks = images[:OCCLUDED_IMAGES]
+    maps, titles = [], []
+    for img, label in zip(picks, labels[:OCCLUDED_IMAGES], strict=True):
+        occ = occlusion(img, predict, mean, patch=g.patch, stride=g.stride, target=int(label))
+        maps.append(upsample(occ.heatmap, g, img.shape[1], img.shape[2]))
+        titles.append(f"{classes[label]}\np={occ.probabilities[label]:.2f}")
+    return Section(
+        "occlusion",
+        "Occlusion sensitivity",
+        f"A {g.patch}x{g.patch} patch of the training mean colour slides over each test image "
+        f"in steps of {g.stride} px ({g.forward_passes} forward passes per image). Red marks "
+        "where hiding the region lowers the probability of the true class (the evidence the "
+        "network uses), blue where it raises it; each pixel shows the mean over the patches "
+        "covering it. The title gives the true class and its probability.",
+        figures.occlusion_maps(list(picks), maps, titles),
+    )
+
+
+def _mistakes_section(
+    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
+) -> Section:
+    pred = probabilities.argmax(1)
+    wrong = np.flatnonzero(pred != labels)
+    conf = probabilities[wrong, pred[wrong]]
+    order = wrong[np.argsort(-conf, kind="stable")][:MISTAKES]
+    titles = [
+        f"true {classes[labels[i]]}\npred {classes[pred[i]]} {probabilities[i, pred[i]]:.2f}"
+        for i in order
+    ]
+    fig = figures.mistakes([images[i] for i in order], titles) if len(order) else None
+    caption = (
+        f"The {len(order)} wrong test predictions made with the highest probability: true "
+        "class, predicted class and its probability. Confident mistakes show ambiguous images, "
+        "label noise or a blind spot of the network."
+        if len(order)
+        else "The network made no mistake on the test set."
+    )
+    return Section("mistakes", "Most confident mistakes", caption, fig)
