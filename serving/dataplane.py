@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from serving import occlusion, v2
-from serving.codec import NeedsThread, PixelBudget, decode_image, tensor_to_image, top_k
+from serving.codec import NeedsThread, PixelBudget, decode_image, tensor_to_image
 from serving.contract import InputSpec, Manifest
 from serving.errors import Draining, InvalidInput, ModelNotFound
 from serving.model import ModelVersion
@@ -334,3 +334,17 @@ def stack_uint8(images: Sequence[ImageInput], spec: InputSpec) -> np.ndarray | N
     out = np.empty((len(payloads), *spec.shape), dtype=np.uint8)
     out.reshape(-1)[:] = np.frombuffer(b"".join(payloads), dtype=np.uint8)
     return out
+
+
+def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and probabilities of the k most likely classes per row, most likely first."""
+    k = min(k, probabilities.shape[1])
+    if k == 1:  # the common case: no partition, no fancy take_along_axis
+        best = probabilities.argmax(axis=1)
+        rows = np.arange(len(best))
+        return best[:, None], probabilities[rows, best][:, None]
+    else:
+        part = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(probabilities, part, axis=1).argsort(axis=1)[:, ::-1]
+        idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(probabilities, idx, axis=1)

@@ -45,7 +45,7 @@ def slow_model(layers: int = 200, width: int = 1024, seed: int = 0) -> onnx.Mode
     MatMul+Tanh layers that only burns time: its result is multiplied by zero and added to
     the logits, so ORT cannot prune it and the answers stay tiny_models' known ones.
     Compute per row grows with `layers` (one shared weight: the file stays ~4 MiB)."""
-    meta = tiny_models.metadata_props(tiny_models.manifest_for(SLOW, 1, shape=SHAPE), "fp32")
+    meta = tiny_models.exporter_metadata(SLOW, 1, shape=SHAPE)
     model = tiny_models.make_model(shape=SHAPE, metadata=meta)
     g = model.graph
     next(n for n in g.node if n.op_type == "Neg").output[0] = "logits_fast"

@@ -122,6 +122,16 @@ def make_model(
     return model
 
 
+def exporter_metadata(
+    name: str,
+    version: int,
+    labels: Sequence[str] = DEFAULT_LABELS,
+    shape: tuple[int, int, int] = (1, 8, 8),
+) -> dict[str, str]:
+    """The metadata_props the exporter stamps into model.onnx for `manifest_for(...)`."""
+    return metadata_props(Manifest.from_dict(manifest_for(name, version, labels, shape)), "fp32")
+
+
 def _labels(k: int) -> list[str]:
     return [f"class{i}" for i in range(k)]
 
