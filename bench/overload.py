@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from serving.loadgen import LoadConfig, resolve, run_load  # noqa: E402
+from serving.client.loadgen import LoadConfig, resolve, run_load  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2 as pb  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
 from tests.process_stats import MIB, Sampler, sample  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from overload import start_pinned, sustainable_rate  # noqa: E402
 
-from serving.loadgen import LoadConfig, resolve, run_load  # noqa: E402
+from serving.client.loadgen import LoadConfig, resolve, run_load  # noqa: E402
 from serving.runtime import session_options  # noqa: E402
 from serving.settings import ServerSettings  # noqa: E402
 from tests.process_stats import MIB, Sampler  # noqa: E402

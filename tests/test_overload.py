@@ -20,7 +20,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from serving.loadgen import LoadConfig, run_load
+from serving.client.loadgen import LoadConfig, run_load
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from tests import tiny_models

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
-from serving.loadgen import LoadConfig, run_load
+from serving.client.loadgen import LoadConfig, run_load
 from tests import tiny_models
 from tests.process_stats import MIB, Sampler, open_fds
 from tests.serving_helpers import running_server
