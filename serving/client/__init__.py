@@ -1,4 +1,4 @@
-"""A Python client for convserve.v1.Classifier and the `cnn-predict` command.
+"""A Python client for convserve.v1.Classifier, and the `cnn-predict` and `cnn-bench` commands.
 
     from serving.client import Client
     with Client("localhost:50051") as c:
@@ -10,13 +10,15 @@ pixel values 0..255, shaped (H, W), (C, H, W) or (H, W, C)).
 
 Modules: `clients` (Client, AsyncClient), `retry` (the retry policy, PredictionError),
 `convert` (images -> requests, responses -> Prediction/Explanation), `channel` (targets,
-load balancing, TLS, tokens), `access` (the commands' TLS and token flags), `predict`
-(cnn-predict).
+load balancing, TLS, tokens), `access` (the commands' TLS and token settings), `predict`
+(cnn-predict), `loadgen` (cnn-bench).
 """
 
 from __future__ import annotations
 
-from serving.client.access import access_from_args, add_access_options
+import importlib
+from typing import Any
+
 from serving.client.channel import (
     SCHEMES,
     TLS,
@@ -29,11 +31,19 @@ from serving.client.channel import (
 )
 from serving.client.clients import AsyncClient, Client
 from serving.client.convert import ClassScore, Explanation, Prediction, to_image
-from serving.client.predict import IMAGE_SUFFIXES, find_images, predict_main
 from serving.client.retry import RETRYABLE, PredictionError, Retry
 
+# The commands' settings are built on serving.settings, which imports the server's core
+# (onnxruntime among it): loaded when a command's names are first used, not by every
+# `import serving.client`.
+_LAZY = {
+    "predict_main": "serving.client.predict",
+    "find_images": "serving.client.predict",
+    "IMAGE_SUFFIXES": "serving.client.predict",
+    "ClientAccess": "serving.client.access",
+}
+
 __all__ = [
-    "IMAGE_SUFFIXES",
     "RETRYABLE",
     "SCHEMES",
     "TLS",
@@ -44,15 +54,18 @@ __all__ = [
     "Prediction",
     "PredictionError",
     "Retry",
-    "access_from_args",
-    "add_access_options",
     "bearer_metadata",
     "channel_options",
     "channel_target",
     "connect",
     "default_load_balancing",
-    "find_images",
-    "predict_main",
     "read_token_file",
     "to_image",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

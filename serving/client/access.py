@@ -1,42 +1,61 @@
-"""The TLS and token flags of cnn-predict and cnn-bench: added to a parser, read back as
-(TLS settings, bearer token)."""
+"""The access options of cnn-predict and cnn-bench (TLS files and a bearer token), declared
+once as settings and nested into both commands' settings. The token may come from
+CONVSERVE_AUTH_TOKEN, the only variable these commands read (SECURITY.md)."""
 
 from __future__ import annotations
 
-import argparse
-import os
+import functools
+from dataclasses import dataclass
 
 from serving.client.channel import TLS, read_token_file
+from serving.settings import SettingsError, option, validate
 
 
-def add_access_options(p: argparse.ArgumentParser) -> None:
-    """The TLS and token flags shared by cnn-predict and cnn-bench."""
-    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate")
-    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
-    p.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
-    p.add_argument("--tls-server-name", help="name to check in the server's certificate")
-    p.add_argument(
-        "--auth-token",
-        default=os.environ.get("CONVSERVE_AUTH_TOKEN"),
-        help="bearer token sent with every call [CONVSERVE_AUTH_TOKEN] (prefer "
-        "--auth-token-file: command lines are visible to other users)",
+@dataclass(frozen=True)
+class ClientAccess:
+    """How a command reaches a server that wants TLS or a token."""
+
+    # metavar: the flag's own name, not the nested field's path (ACCESS__TLS_CA)
+    tls_ca: str | None = option(
+        None, "CA certificate (PEM) that signed the server's certificate", metavar="TLS_CA"
     )
-    p.add_argument("--auth-token-file", help="file holding the bearer token")
+    tls_cert: str | None = option(
+        None, "client certificate (PEM) for mutual TLS", metavar="TLS_CERT"
+    )
+    tls_key: str | None = option(None, "client private key (PEM) for mutual TLS", metavar="TLS_KEY")
+    tls_server_name: str | None = option(
+        None, "name to check in the server's certificate", metavar="TLS_SERVER_NAME"
+    )
+    auth_token: str | None = option(
+        None,
+        "bearer token sent with every call (prefer --auth-token-file: command lines are "
+        "visible to other users)",
+        env_always=True,
+        metavar="AUTH_TOKEN",
+    )
+    auth_token_file: str | None = option(
+        None, "file holding the bearer token", metavar="AUTH_TOKEN_FILE"
+    )
 
+    def __post_init__(self) -> None:
+        validate(self)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("--tls-cert and --tls-key go together")
+        self.token  # noqa: B018  (an unreadable --auth-token-file is refused here)
 
-def access_from_args(
-    p: argparse.ArgumentParser, args: argparse.Namespace
-) -> tuple[TLS | None, str | None]:
-    """(TLS settings or None for plaintext, bearer token or None) from `add_access_options`."""
-    if bool(args.tls_cert) != bool(args.tls_key):
-        p.error("--tls-cert and --tls-key go together")
-    tls = None
-    if args.tls_ca or args.tls_cert or args.tls_server_name:
-        tls = TLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    token = args.auth_token
-    if args.auth_token_file:
+    @property
+    def tls(self) -> TLS | None:
+        """TLS settings, or None for plaintext."""
+        if self.tls_ca or self.tls_cert or self.tls_server_name:
+            return TLS(self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)
+        return None
+
+    @functools.cached_property
+    def token(self) -> str | None:
+        """The bearer token: --auth-token-file's, else --auth-token's (read once)."""
+        if not self.auth_token_file:
+            return self.auth_token
         try:
-            token = read_token_file(args.auth_token_file)
+            return read_token_file(self.auth_token_file)
         except (OSError, ValueError) as exc:
-            p.error(f"--auth-token-file: {exc}")
-    return tls, token
+            raise SettingsError(f"--auth-token-file: {exc}") from None

@@ -7,16 +7,45 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from serving.client.access import access_from_args, add_access_options
+from serving.client.access import ClientAccess
 from serving.client.clients import Client
 from serving.client.convert import Prediction
 from serving.client.retry import PredictionError
+from serving.settings import nested, option, parse, validate
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """cnn-predict's settings (its output choices are plain flags: see `_output_flags`)."""
+
+    server: str = option("localhost:50051", "HOST:PORT of cnn-serve")
+    top_k: int = option(1, "classes shown per image")
+    batch_size: int = option(64, "images per request", minimum=1)
+    timeout: float = option(30.0, "seconds per request")
+    model: str = option("", "model name (when the server serves several)")
+    access: ClientAccess = nested(ClientAccess)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        type=Path,
+        help="also write an occlusion overlay PNG per image into DIR (1 + P passes each)",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
 
 
 def find_images(paths: Iterable[str]) -> list[Path]:
@@ -42,24 +71,14 @@ def _truth(path: Path, labels: Sequence[str]) -> int | None:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cnn-predict", description="Classify images with a server.")
-    p.add_argument("--server", default="localhost:50051", help="HOST:PORT of cnn-serve")
-    p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--batch-size", type=int, default=64, help="images per request")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    p.add_argument("--model", default="", help="model name (when the server serves several)")
-    add_access_options(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--explain",
-        metavar="DIR",
-        type=Path,
-        help="also write an occlusion overlay PNG per image into DIR (1 + P passes each)",
+    s, args = parse(
+        PredictSettings,
+        argv,
+        prog="cnn-predict",
+        description="Classify images with a server.",
+        env=False,
+        extra=_output_flags,
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
-    args = p.parse_args(argv)
-    tls, token = access_from_args(p, args)
     try:
         files = find_images(args.paths)
     except FileNotFoundError as exc:
@@ -69,14 +88,15 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         print("cnn-predict: no images found", file=sys.stderr)
         return 2
     correct = known = 0
-    show = not args.no_progress and len(files) > args.batch_size and sys.stderr.isatty()
+    show = not args.no_progress and len(files) > s.batch_size and sys.stderr.isatty()
     bar = tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr)
-    with Client(args.server, timeout=args.timeout, tls=tls, auth_token=token) as client, bar:
+    tls, token = s.access.tls, s.access.token
+    with Client(s.server, timeout=s.timeout, tls=tls, auth_token=token) as client, bar:
         try:
-            labels = client.model_info(args.model)["labels"]
-            for start in range(0, len(files), args.batch_size):
-                chunk = files[start : start + args.batch_size]
-                preds = client.predict(chunk, args.top_k, model=args.model)
+            labels = client.model_info(s.model)["labels"]
+            for start in range(0, len(files), s.batch_size):
+                chunk = files[start : start + s.batch_size]
+                preds = client.predict(chunk, s.top_k, model=s.model)
                 for f, pred in zip(chunk, preds, strict=True):
                     _print(f, pred, args.json)
                     truth = _truth(f, labels)
@@ -85,7 +105,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                         correct += pred.index == truth
                 bar.update(len(chunk))
             if args.explain:
-                _write_explanations(client, files, args.explain, args.model)
+                _write_explanations(client, files, args.explain, s.model)
         except PredictionError as exc:
             print(f"cnn-predict: {exc}", file=sys.stderr)
             return 1

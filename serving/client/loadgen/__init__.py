@@ -23,12 +23,12 @@ which spreads connections, not requests, so use >= 8.
 Latency samples are kept whole (a float per request) and merged exactly, so p99 and max are
 the real ones, not bucket edges.
 
-Modules: `config` (LoadConfig, the channels of a run), `messages` (what is sent, what is
-checked), `runner` (the processes and their loops), `report` (samples,
+Modules: `config` (LoadConfig: every flag's default, help and bounds), `messages` (what is
+sent, what is checked), `runner` (the processes and their loops), `report` (samples,
 percentiles, the report), `cli` (the command).
 """
 
-from serving.client.loadgen.cli import build_parser, config_from_args, main
+from serving.client.loadgen.cli import config_from_args, main
 from serving.client.loadgen.config import (
     MAX_MESSAGE_BYTES,
     MODEL_INFER,
@@ -62,7 +62,6 @@ __all__ = [
     "LoadConfig",
     "Samples",
     "Worker",
-    "build_parser",
     "build_requests",
     "check_response",
     "config_from_args",

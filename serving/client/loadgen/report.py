@@ -90,7 +90,7 @@ def report(cfg: LoadConfig, s: Samples) -> dict[str, Any]:
         # resolution, a busy event loop) and the latency counted from the actual send.
         out["max_send_lag_ms"] = round(s.max_send_lag * 1e3, 3)
         out["latency_from_send_ms"] = percentiles(s.from_send)
-    out["config"] = {k: v for k, v in asdict(cfg).items() if not k.startswith(("tls", "auth"))}
+    out["config"] = {k: v for k, v in asdict(cfg).items() if k != "access"}  # no secrets
     return out
 
 
