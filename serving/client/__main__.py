@@ -4,4 +4,7 @@ import sys
 
 from serving.client.predict import predict_main
 
-sys.exit(predict_main())
+# Only as `python -m`: importing the module (as a check that imports every module does)
+# runs nothing.
+if __name__ == "__main__":
+    sys.exit(predict_main())

@@ -4,4 +4,7 @@ import sys
 
 from serving.client.loadgen.cli import main
 
-sys.exit(main())
+# Only as `python -m`: importing the module (as a check that imports every module does)
+# runs nothing.
+if __name__ == "__main__":
+    sys.exit(main())
