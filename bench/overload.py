@@ -22,32 +22,35 @@ bench/results/overload.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+import serving_bench as sb  # noqa: E402
+from process_stats import MIB, Sampler, sample  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from serving.loadgen import LoadConfig, resolve, run_load  # noqa: E402
+from serving.client.loadgen import LoadConfig, resolve, run_load  # noqa: E402
+from serving.probe import check  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2 as pb  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
-from tests.process_stats import MIB, Sampler, sample  # noqa: E402
-from tests.serving_helpers import (  # noqa: E402
-    ServerProcess,
-    codes_of,
-    metric_value,
-    start_server,
-)
 
 SHED = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
 # A handler can be cancelled in the instant between its rows being delivered and its
@@ -55,28 +58,84 @@ SHED = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
 LATE_ANSWER_SLACK_ROWS = 64
 
 
-def start_pinned(repository: Path, tmp: Path, *args: str) -> tuple[ServerProcess, dict]:
-    """Start `cnn-serve` on the first half of the CPUs (ORT threads: one per CPU there) and
-    move this process, and the client processes it starts, to the rest. Offered several
-    times its rate, a load generator sharing the server's cores starves it, and the
-    figures would describe the client."""
+class Metrics:
+    """One scrape of /metrics: sample values, summed over the labels a question leaves out."""
+
+    def __init__(self, text: str):
+        self.samples = [smp for fam in text_string_to_metric_families(text) for smp in fam.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        return sum(
+            smp.value
+            for smp in self.samples
+            if smp.name == name and labels.items() <= smp.labels.items()
+        )
+
+    def codes(self, method: str = "Predict") -> dict[str, float]:
+        """convserve_requests_total of one method, by status code."""
+        out: Counter[str] = Counter()
+        for smp in self.samples:
+            if smp.name == "convserve_requests_total" and smp.labels["method"] == method:
+                out[smp.labels["code"]] += smp.value
+        return dict(out)
+
+
+@dataclass
+class Server:
+    """A `cnn-serve` started by serving_bench.started (which stops it with SIGTERM)."""
+
+    proc: subprocess.Popen
+    target: str
+    metrics_url: str
+    log_path: Path
+
+    def metrics(self) -> Metrics:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            return Metrics(r.read().decode())
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextlib.contextmanager
+def start_pinned(repository: Path, tmp: Path, *args: str) -> Iterator[tuple[Server, dict]]:
+    """`cnn-serve` on the first half of the CPUs (ORT threads: one per CPU there), while this
+    process, and the client processes it starts, move to the rest. Offered several times its
+    rate, a load generator sharing the server's cores starves it, and the figures would
+    describe the client. Its exit code is `proc.returncode` once the block has ended."""
     cpus = sorted(os.sched_getaffinity(0))
     half = max(1, len(cpus) // 2)
     server, clients = set(cpus[:half]), set(cpus[half:]) or set(cpus)
+    port, mport = sb.free_port(), sb.free_port()
+    cmd = [sys.executable, "-m", "serving.main", "--model-repository", str(repository)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--poll-interval", "0"]
+    cmd += ["--metrics-host", "127.0.0.1", "--metrics-port", str(mport)]
+    system = sb.System(
+        "convserve", "convserve", [*cmd, "--intra-op-threads", str(len(server)), *args], ()
+    )
+    log = tmp / "server.log"
     os.sched_setaffinity(0, server)  # the server process inherits it
-    threads = ("--intra-op-threads", str(len(server)))
     try:
-        s = start_server(repository, tmp, "--poll-interval", "0", *threads, *args)
+        with sb.started(system, port, log) as proc:
+            os.sched_setaffinity(0, clients)
+            s = Server(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics", log)
+            sb.wait_ready(system, proc, log, lambda: _serving(s.target), timeout=60)
+            yield s, {"server": sorted(server), "load_generator": sorted(clients)}
     finally:
         os.sched_setaffinity(0, clients)
-    return s, {"server": sorted(server), "load_generator": sorted(clients)}
 
 
-def queue_depth(s: ServerProcess) -> float:
-    return metric_value(s.metrics(), "convserve_queue_depth")
+def _serving(target: str) -> None:
+    status = check(target, timeout=1.0)
+    if status != "SERVING":
+        raise AssertionError(status)
 
 
-def wait_drained(s: ServerProcess, timeout: float = 60.0) -> None:
+def queue_depth(s: Server) -> float:
+    return s.metrics().value("convserve_queue_depth")
+
+
+def wait_drained(s: Server, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while queue_depth(s) > 0:
         if time.monotonic() > end:
@@ -96,7 +155,7 @@ def step(cfg: LoadConfig, rate: float, seconds: float) -> dict[str, Any]:
 
 
 def sustainable_rate(
-    s: ServerProcess, cfg: LoadConfig, start: float, seconds: float, bisections: int = 4
+    s: Server, cfg: LoadConfig, start: float, seconds: float, bisections: int = 4
 ) -> tuple[float, list[dict[str, Any]]]:
     """Highest open-loop rate with no errors: double until a step fails, then bisect."""
     steps: list[dict[str, Any]] = []
@@ -119,20 +178,20 @@ def sustainable_rate(
     return good, steps
 
 
-def predict_ok(s: ServerProcess, shape: tuple[int, ...]) -> bool:
+def predict_ok(s: Server, shape: tuple[int, ...]) -> bool:
     """One one-image Predict (on a fresh connection): True when it is answered OK."""
     data = bytes(int(np.prod(shape)))
     req = pb.PredictRequest(
         images=[pb.Image(tensor=pb.Tensor(dtype=pb.UINT8, shape=list(shape), data=data))]
     )
-    with s.channel() as ch:
+    with grpc.insecure_channel(s.target) as ch:
         try:
             return len(pb_grpc.ClassifierStub(ch).Predict(req, timeout=2.0).predictions) == 1
         except grpc.RpcError:
             return False
 
 
-def first_ok_after(s: ServerProcess, shape: tuple[int, ...], t0: float) -> float:
+def first_ok_after(s: Server, shape: tuple[int, ...], t0: float) -> float:
     """Seconds from `t0` until a Predict succeeds (probing without pause)."""
     while not predict_ok(s, shape):
         if time.monotonic() - t0 > 60:
@@ -141,7 +200,7 @@ def first_ok_after(s: ServerProcess, shape: tuple[int, ...], t0: float) -> float
     return time.monotonic() - t0
 
 
-def recovery(s: ServerProcess, shape: tuple[int, ...], t0: float) -> dict[str, float]:
+def recovery(s: Server, shape: tuple[int, ...], t0: float) -> dict[str, float]:
     while queue_depth(s) > 0:
         if time.monotonic() - t0 > 60:
             raise RuntimeError("the queue did not drain within 60 s")
@@ -158,7 +217,7 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
 
 
 def overload(
-    s: ServerProcess, cfg: LoadConfig, rate: float, seconds: float
+    s: Server, cfg: LoadConfig, rate: float, seconds: float
 ) -> tuple[dict[str, Any], Sampler, float]:
     """Offer `rate` for `seconds`, sampling the server's memory; returns the load report,
     the samples and when the load ended (every request answered or timed out)."""
@@ -184,8 +243,7 @@ def main() -> int:
     a = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="overload-"))
-    s, cpus = start_pinned(a.model_repository, tmp, *a.server_args)
-    try:
+    with start_pinned(a.model_repository, tmp, *a.server_args) as (s, cpus):
         cfg = resolve(LoadConfig(target=s.target, timeout=a.deadline, connections=a.connections))
         print(f"sustainable rate (deadline {a.deadline}s, {a.step_seconds}s steps):")
         sustainable, steps = sustainable_rate(s, cfg, a.start_rate, a.step_seconds)
@@ -200,8 +258,7 @@ def main() -> int:
         after = s.metrics()
         next_ok = predict_ok(s, cfg.shape)
         log = s.log()
-    finally:
-        rc = s.stop()
+    rc = s.proc.returncode
 
     statuses = {"OK": r["requests"], **r["errors"]}
     # Requests the load generator itself could not send (its own backlog limit): not offered.
@@ -210,12 +267,12 @@ def main() -> int:
     offered = sent / (a.seconds + r["max_send_lag_ms"] / 1e3)  # what really went out
 
     def grew(name: str, **labels: str) -> int:
-        return int(metric_value(after, name, **labels) - metric_value(before, name, **labels))
+        return int(after.value(name, **labels) - before.value(name, **labels))
 
     # The recovery probes are in both counts (OK answers and computed rows).
     computed = grew("convserve_inference_items_total")
     abandoned = grew("convserve_abandoned_rows_total")
-    server_codes = delta(codes_of(after), codes_of(before))
+    server_codes = delta(after.codes(), before.codes())
     ok_rows = server_codes.get("OK", 0)
     rows = {
         "computed_by_onnx_runtime": computed,
@@ -234,7 +291,7 @@ def main() -> int:
         "overloaded": sum(statuses.get(c, 0) for c in SHED) > 0,
         "timed_out_rows_never_computed": 0 <= rows["unaccounted"] <= LATE_ANSWER_SLACK_ROWS,
         "rss_under_bound": max_rss < a.rss_bound_mib * MIB,
-        "queue_depth_back_to_0": metric_value(after, "convserve_queue_depth") == 0,
+        "queue_depth_back_to_0": after.value("convserve_queue_depth") == 0,
         "next_request_ok": next_ok,
         "server_exit_code_0": rc == 0,
         "no_errors_logged_by_convserve": " ERROR convserve" not in log,

@@ -22,7 +22,7 @@ done
 for h in 127.0.0.2 127.0.0.3; do $PY -m serving.probe "$h:$P" --wait 120 >/dev/null; done
 for rep in 1 2 1 2; do
   if [ $rep = 1 ]; then T=127.0.0.2:$P; else T=127.0.0.2:$P,127.0.0.3:$P; fi
-  $PY -m serving.loadgen --target "$T" --concurrency 16 --duration 8 --warmup 2 \
+  $PY -m serving.client.loadgen --target "$T" --concurrency 16 --duration 8 --warmup 2 \
     --json "$OUT/r.json" >/dev/null
   $PY -c "import json; r = json.load(open('$OUT/r.json')); l = r['latency_ms']; \
 print('$rep replica(s): %.0f req/s, p50 %.1f ms, p99 %.1f ms, errors %s' \

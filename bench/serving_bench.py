@@ -68,7 +68,7 @@ from serving_report import (  # noqa: E402
     targets,
 )
 
-from serving.loadgen import parse_stream_infer  # noqa: E402
+from serving.client.loadgen import parse_stream_infer  # noqa: E402
 from serving.proto.convserve.v1 import classifier_pb2 as pb  # noqa: E402
 from serving.proto.inference import grpc_predict_v2_pb2 as v2  # noqa: E402
 from serving.runtime import session_options  # noqa: E402
@@ -159,7 +159,7 @@ def test_images(shape: tuple[int, ...], n: int = 2048) -> np.ndarray:
             return images
     except Exception as exc:  # no dataset here: synthetic images still load the server
         print(f"(no Fashion-MNIST test set: {exc}; using synthetic images)")
-    from serving.loadgen import synthetic_images
+    from serving.client.loadgen import synthetic_images
 
     return synthetic_images(n, shape, 0)
 
@@ -584,7 +584,7 @@ def _cnn_bench(
     target: str, args: argparse.Namespace, out: Path, extra: list[str], timeout: float
 ) -> tuple[list[str], subprocess.CompletedProcess]:
     """Run the Python load generator for --duration after --warmup; JSON goes to `out`."""
-    cmd = [sys.executable, "-m", "serving.loadgen", "--target", target, *extra]
+    cmd = [sys.executable, "-m", "serving.client.loadgen", "--target", target, *extra]
     cmd += ["--duration", f"{args.duration:g}", "--warmup", f"{args.warmup:g}"]
     cmd += ["--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from overload import start_pinned, sustainable_rate  # noqa: E402
+from process_stats import MIB, Sampler  # noqa: E402
 
-from serving.loadgen import LoadConfig, resolve, run_load  # noqa: E402
+from serving.client.loadgen import LoadConfig, resolve, run_load  # noqa: E402
 from serving.runtime import session_options  # noqa: E402
 from serving.settings import ServerSettings  # noqa: E402
-from tests.process_stats import MIB, Sampler  # noqa: E402
 
 GROWTH_TARGET_PCT = 5.0
 
@@ -62,8 +62,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     # Pinned as in `make overload`, so the sustainable rate it measured applies here.
-    s, cpus = start_pinned(a.model_repository, tmp, *a.server_args)
-    try:
+    with start_pinned(a.model_repository, tmp, *a.server_args) as (s, cpus):
         cfg = resolve(LoadConfig(target=s.target, timeout=a.deadline, connections=8))
         if a.overload_json.is_file():
             sustainable = json.loads(a.overload_json.read_text())["sustainable_rate_per_s"]
@@ -82,8 +81,7 @@ def main() -> int:
             load.start()
             load.join()
         log = s.log()
-    finally:
-        rc = s.stop()
+    rc = s.proc.returncode
 
     # After warm-up and before the clients close their connections at the end.
     until = started + a.seconds - a.sample_every

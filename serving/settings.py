@@ -51,11 +51,16 @@ class Option:
     flag: str | None = None  # default: the field name with '-' for '_'
     cli: bool = True  # False: set by code only (not a flag, not a variable)
     env: bool = True  # read ENV_PREFIX + FLAG when the program reads variables
+    env_always: bool = False  # read it even where the program reads no others (a secret)
+    exclusive: str | None = None  # options naming one group exclude each other as flags
     parse: Callable[[str], Any] | None = None  # text -> value; ValueError says why
     metavar: str | None = None
 
     def flag_of(self, name: str) -> str:
         return self.flag or name.replace("_", "-")
+
+    def reads_env(self, program_env: bool) -> bool:
+        return self.env_always or (program_env and self.env)
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
@@ -126,11 +131,12 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """An argparse parser with a flag per option field of `cls` (defaults: see `parse`)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
+    groups: dict[str, Any] = {}
     for path, f, typ in _leaf_fields(cls):
         opt: Option = f.metadata["option"]
         flag = opt.flag_of(f.name)
         help_text = opt.help
-        if env and opt.env:
+        if opt.reads_env(env):
             help_text += f" [{env_name(flag)}]"
         kw: dict[str, Any] = {"dest": _dest(path), "default": None, "help": help_text}
         if opt.metavar:
@@ -143,7 +149,9 @@ def build_parser(
             kw["type"] = _converter(opt, typ)
             if opt.choices is not None:
                 kw["choices"] = list(opt.choices)
-        p.add_argument(f"--{flag}", **kw)
+        if opt.exclusive is not None and opt.exclusive not in groups:
+            groups[opt.exclusive] = p.add_mutually_exclusive_group()
+        groups.get(opt.exclusive, p).add_argument(f"--{flag}", **kw)
     return p
 
 
@@ -170,7 +178,7 @@ def parse(
     for path, f, typ in _leaf_fields(cls):
         opt: Option = f.metadata["option"]
         value = getattr(args, _dest(path))
-        text = environ.get(env_name(opt.flag_of(f.name))) if env and opt.env else None
+        text = environ.get(env_name(opt.flag_of(f.name))) if opt.reads_env(env) else None
         if value is None and text is not None:
             value = _from_env(p, opt.flag_of(f.name), opt, typ, text)
         if value is not None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from serving.loadgen import LoadConfig, run_load
+from serving.client.loadgen import LoadConfig, run_load
 from tests.serving_helpers import ROOT, metric_value, running_server
 
 
@@ -72,7 +72,7 @@ def test_cli_v2_mode_writes_the_json_report(server, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "serving.loadgen",
+        "serving.client.loadgen",
         "--target",
         server.target,
         "--mode",

@@ -20,11 +20,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from serving.loadgen import LoadConfig, run_load
+from bench.process_stats import MIB, Sampler, rss_bytes
+from serving.client.loadgen import LoadConfig, run_load
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from tests import tiny_models
-from tests.process_stats import MIB, Sampler, rss_bytes
 from tests.serving_helpers import ServerProcess, codes_of, metric_value, running_server
 
 SLOW = "slow"

@@ -70,7 +70,7 @@ def test_cnn_bench_spreads_a_comma_list_target_over_both_replicas(replicas, tmp_
     target = ",".join(s.target for s in replicas)
     args = ["--target", target, "--concurrency", "4", "--duration", "1.5", "--warmup", "0.3"]
     run = subprocess.run(
-        [sys.executable, "-m", "serving.loadgen", *args, "--json", str(out)],
+        [sys.executable, "-m", "serving.client.loadgen", *args, "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -415,7 +415,7 @@ def test_cnn_bench_presents_tls_and_a_token(tls_server, tmp_path):
     token_file.write_text("tok-all\n")
     out = subprocess.run(
         [
-            *(sys.executable, "-m", "serving.loadgen", "--target", tls_server.target),
+            *(sys.executable, "-m", "serving.client.loadgen", "--target", tls_server.target),
             *("--tls-ca", str(tls_server.ca), "--auth-token-file", str(token_file)),
             *("--duration", "0.3", "--warmup", "0", "--concurrency", "1", "--json", "-"),
         ],

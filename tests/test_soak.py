@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 import time
 
-from serving.loadgen import LoadConfig, run_load
+from bench.process_stats import MIB, Sampler, open_fds
+from serving.client.loadgen import LoadConfig, run_load
 from tests import tiny_models
-from tests.process_stats import MIB, Sampler, open_fds
 from tests.serving_helpers import running_server
 
 SHAPE = (1, 8, 8)

@@ -1,8 +1,9 @@
 """Resident memory and open file descriptors of a server process tree, read from /proc.
 
-Shared by the overload and soak tests and their long forms (bench/overload.py,
-bench/soak.py): a `--workers N` server is a parent plus N workers, so figures are taken
-for every process of the tree and summed, and per process where that matters (fd counts).
+A measuring tool of bench/overload.py and bench/soak.py, and of their short forms in tests/
+(`from bench.process_stats import ...`): a `--workers N` server is a parent plus N workers,
+so figures are taken for every process of the tree and summed, and per process where that
+matters (fd counts).
 """
 
 from __future__ import annotations
