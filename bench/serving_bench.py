@@ -187,7 +187,7 @@ def machine() -> dict[str, Any]:
 
 def code_version() -> dict[str, Any]:
     """Which convserve was measured: the commit, whether the tree was dirty, and a hash of
-    serving/*.py (the tree may hold uncommitted work)."""
+    serving/**/*.py (the tree may hold uncommitted work)."""
     import hashlib
 
     def git(*a: str) -> str:
@@ -195,7 +195,7 @@ def code_version() -> dict[str, Any]:
         return r.stdout.strip()
 
     h = hashlib.sha256()
-    for f in sorted((ROOT / "serving").glob("*.py")):
+    for f in sorted((ROOT / "serving").rglob("*.py")):
         h.update(f.read_bytes())
     return {
         "commit": git("rev-parse", "--short", "HEAD"),

@@ -8,7 +8,7 @@ import functools
 from dataclasses import dataclass
 
 from serving.client.channel import TLS, read_token_file
-from serving.settings import SettingsError, option, validate
+from serving.options import SettingsError, option, validate
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -188,6 +188,26 @@ class AsyncClient(_ClientBase):
     """The asyncio twin of Client (same arguments, same results, awaitable)."""
 
     _aio = True
+
+    if TYPE_CHECKING:  # the shared methods, as a type checker must see them here: awaited
+
+        async def predict(  # type: ignore[override]
+            self,
+            images: Sequence[Any],
+            top_k: int = 1,
+            *,
+            model: str = "",
+            version: int = 0,
+            timeout: float | None = None,
+        ) -> list[Prediction]: ...
+
+        async def model_info(  # type: ignore[override]
+            self, model: str = "", version: int = 0
+        ) -> dict[str, Any]: ...
+
+        async def explain(self, image: Any, **kw: Any) -> Explanation: ...  # type: ignore[override]
+
+        async def health(self, service: str = "") -> str: ...  # type: ignore[override]
 
     async def _invoke(self, method: Any, build: Build, parse: Parse, timeout: float | None) -> Any:
         request, tries = build(), self._attempts(timeout)

@@ -16,7 +16,7 @@ from serving.client.access import ClientAccess
 from serving.client.clients import Client
 from serving.client.convert import Prediction
 from serving.client.retry import PredictionError
-from serving.settings import nested, option, parse, validate
+from serving.options import nested, option, parse, validate
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 

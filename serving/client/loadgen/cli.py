@@ -14,7 +14,7 @@ import grpc
 from serving.client.loadgen.config import LoadConfig
 from serving.client.loadgen.report import format_table
 from serving.client.loadgen.runner import run_load
-from serving.settings import parse
+from serving.options import parse
 
 
 def _output_flags(p: argparse.ArgumentParser) -> None:

@@ -16,9 +16,9 @@ from serving.client.channel import (
     connect,
     default_load_balancing,
 )
+from serving.options import SettingsError, nested, option, validate
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from serving.settings import SettingsError, nested, option, validate
 
 PREDICT = "/convserve.v1.Classifier/Predict"
 PREDICT_STREAM = "/convserve.v1.Classifier/PredictStream"
