@@ -1,4 +1,4 @@
-"""Hostile requests against one real `cnn-serve` process: hypothesis writes the messages.
+"""Hostile requests against one real server: hypothesis writes the messages.
 
 Every RPC of both wire APIs (convserve.v1.Classifier, KServe V2 GRPCInferenceService) gets
 random shapes, dtypes, byte lengths, counts, option values, model names and versions (unicode,
@@ -9,7 +9,9 @@ huge) and random bytes as images. The properties, checked after every example:
   model or version that is not served, RESOURCE_EXHAUSTED for a message over
   --max-message-bytes;
 - the next good request gets the right answer;
-- at the end the process is alive and health says SERVING.
+- at the end the server is still running, health says SERVING and nothing logged a traceback.
+
+The server is built in this process (tests/inprocess.py) and spoken to by real gRPC clients.
 
 Examples are derandomized so CI sees the same ones every run. HOSTILE_EXAMPLES=2000 runs that
 many per test with a fresh random seed each run (hypothesis prints the failing example).
@@ -41,7 +43,7 @@ from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from serving.repository import ModelRepository
 from serving.settings import ServerSettings
 from tests.image_files import png_declaring
-from tests.serving_helpers import running_server
+from tests.inprocess import serving
 from tests.tiny_models import DEFAULT_LABELS, image_of_class, write_version
 
 OK = grpc.StatusCode.OK
@@ -69,19 +71,14 @@ def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("hostile-repo")
     for name, shape in SHAPES.items():
         write_version(repo, name, 1, shape=shape)
-    tmp = tmp_path_factory.mktemp("hostile-server")
-    with running_server(
+    with serving(
         repo,
-        tmp,
-        "--max-message-bytes",
-        str(MAX_MESSAGE),
-        "--max-images-per-request",
-        str(MAX_IMAGES),
-        "--max-batch-size",
-        "16",
+        max_message_bytes=MAX_MESSAGE,
+        max_images_per_request=MAX_IMAGES,
+        max_batch_size=16,
     ) as s:
         yield s
-        assert s.proc.poll() is None, s.log()
+        assert s.running, s.log()
         health = health_pb2_grpc.HealthStub(s.channel())
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
             health_pb2.HealthCheckResponse.SERVING
