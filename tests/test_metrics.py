@@ -481,7 +481,9 @@ def test_no_metrics_serves_and_records_nothing(model_repository, tmp_path):
     m.model_observer("m", 1).batch(4, 0.01)
     values = [s.value for f in registry.collect() for s in f.samples]
     assert not any(values), "a disabled Metrics recorded something"
-    on = Metrics(CollectorRegistry())
+    registry = CollectorRegistry()
+    on = Metrics(registry)
     on.request_done("Predict", "OK", 0.001)
     on.request_done("Predict", "OK", 0.002)
-    assert on.requests.labels("Predict", "OK")._value.get() == 2
+    labels = {"method": "Predict", "code": "OK"}
+    assert registry.get_sample_value("convserve_requests_total", labels) == 2

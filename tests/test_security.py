@@ -41,7 +41,14 @@ from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from tests.certs import CA
 from tests.inprocess import InProcessServer, serving
-from tests.serving_helpers import ROOT, ServerProcess, free_port, start_server, wait_for
+from tests.serving_helpers import (
+    ROOT,
+    ServerProcess,
+    free_port,
+    start_server,
+    wait_for,
+    wait_serving,
+)
 from tests.tiny_models import image_of_class, write_version
 
 OK = grpc.StatusCode.OK
@@ -88,13 +95,8 @@ def _serving_process(repo: Path, d: Path, *args: str) -> Iterator[tuple[ServerPr
     SERVING (the main port may need TLS or a token); stopped on exit."""
     health = free_port()
     server = start_server(repo, d, *args, "--health-port", str(health), wait=False)
-
-    def up() -> bool:
-        assert server.proc.poll() is None, f"server exited:\n{server.log()}"
-        return check(f"127.0.0.1:{health}", timeout=1.0) == "SERVING"
-
     try:
-        wait_for("the health port to say SERVING", up, timeout=60, every=0.1)
+        wait_serving(server, port=health)
         yield server, health
     finally:
         server.stop()
