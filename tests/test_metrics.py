@@ -199,6 +199,26 @@ def worker_pids(text: str, gauge: str) -> set[str]:
     return {lab["pid"] for lab, _ in samples(text, gauge)}
 
 
+# One request of each kind, then the rest (the scraped server sends the rest only once
+# Prometheus has its first sample).
+FIRST = Workload(ok=1, invalid=1, not_found=1, model_info=1)
+REST = FIRST.then(ok=37, invalid=5, not_found=3, model_info=2)
+
+
+def send(server: InProcessServer, workload: Workload) -> None:
+    with server.channel() as ch:
+        workload.send(pb_grpc.ClassifierStub(ch))
+
+
+@pytest.fixture(scope="module")
+def counted(model_repository) -> Iterator[InProcessServer]:
+    """One in-process server that has handled FIRST + REST."""
+    with serving(model_repository, max_queue_delay_us=1000) as server:
+        send(server, FIRST)
+        send(server, REST)
+        yield server
+
+
 @dataclass
 class Scraped:
     server: InProcessServer
@@ -217,27 +237,23 @@ def scraped(model_repository, tmp_path_factory) -> Iterator[Scraped]:
     server). The rest follows once Prometheus has that first sample.
     """
     tmp = tmp_path_factory.mktemp("prometheus")
-    first = Workload(ok=1, invalid=1, not_found=1, model_info=1)
-    rest = first.then(ok=37, invalid=5, not_found=3, model_info=2)
     with serving(model_repository, max_queue_delay_us=1000) as server:
-        with server.channel() as ch:
-            first.send(pb_grpc.ClassifierStub(ch))
+        send(server, FIRST)
         httpd, _ = start_http_server(0, "127.0.0.1", server.registry)  # as cnn-serve's own
         prom = Prometheus(tmp, f"127.0.0.1:{httpd.server_port}")
         try:
             prom.wait_ready()
-            with server.channel() as ch:
-                rest.send(pb_grpc.ClassifierStub(ch))
+            send(server, REST)
             prom.wait_scrapes_after(time.time())
-            yield Scraped(server, prom, first + rest, rest)
+            yield Scraped(server, prom, FIRST + REST, REST)
         finally:
             prom.stop()
             httpd.shutdown()
             httpd.server_close()
 
 
-def test_metrics_count_the_workload_exactly(scraped):
-    server, w = scraped.server, scraped.sent
+def test_metrics_count_the_workload_exactly(counted):
+    server, w = counted, FIRST + REST
     model = {"model": MODEL, "version": "1"}
     assert requests_by_method_code(server.samples("convserve_requests_total")) == w.requests
     assert server.value("convserve_inference_items_total", **model) == w.images
@@ -253,8 +269,8 @@ def test_metrics_count_the_workload_exactly(scraped):
     assert server.value("convserve_queue_depth", **model) == 0
 
 
-def test_metrics_describe_the_served_model(scraped):
-    server = scraped.server
+def test_metrics_describe_the_served_model(counted):
+    server = counted
     (info,) = [(lab, v) for lab, v in server.samples("convserve_model_info") if v]
     assert info == (
         {
@@ -282,6 +298,7 @@ def test_metrics_text_describes_the_server_process(tmp_path):
         assert labels == {} and value > 0, gauge  # one process, no pid label
 
 
+@pytest.mark.slow  # a real Prometheus (the `scraped` fixture: about 8 s)
 def test_prometheus_scrapes_exact_request_and_image_counts(scraped):
     prom, w = scraped.prometheus, scraped.sent
     got = {
@@ -292,6 +309,7 @@ def test_prometheus_scrapes_exact_request_and_image_counts(scraped):
     assert prom.value("sum(convserve_inference_items_total)") == w.images
 
 
+@pytest.mark.slow
 def test_prometheus_sees_observations_in_every_histogram(scraped):
     prom, w = scraped.prometheus, scraped.sent
     assert prom.value('sum(convserve_request_duration_seconds_count{method="Predict"})') > 0
@@ -306,6 +324,7 @@ def rule_value(prom: Prometheus, expr: str) -> float:
     return float(result["value"][1])
 
 
+@pytest.mark.slow
 def test_mean_batch_size_rule_is_rows_per_batch_of_the_scraped_workload(scraped):
     prom = scraped.prometheus
     got = rule_value(prom, 'job_model:convserve_batch_size:mean_rate5m{model="fashion-mnist"}')
@@ -318,6 +337,7 @@ def test_mean_batch_size_rule_is_rows_per_batch_of_the_scraped_workload(scraped)
     assert got == pytest.approx(rows / batches, rel=0.05)
 
 
+@pytest.mark.slow
 def test_error_ratio_rule_sees_the_failed_predicts(scraped):
     w = scraped.scraped
     failed, calls = w.invalid + w.not_found, w.ok + w.invalid + w.not_found
@@ -328,6 +348,7 @@ def test_error_ratio_rule_sees_the_failed_predicts(scraped):
     assert got == pytest.approx(failed / calls, rel=0.3)
 
 
+@pytest.mark.slow
 def test_every_rule_loads_and_evaluates_without_error(scraped):
     groups = scraped.prometheus.get("/api/v1/rules")["data"]["groups"]
     assert sorted(g["name"] for g in groups) == ["convserve.alerts", "convserve.recording"]
@@ -337,6 +358,7 @@ def test_every_rule_loads_and_evaluates_without_error(scraped):
     assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
 
 
+@pytest.mark.slow
 def test_error_ratio_alert_goes_pending_on_real_errors(scraped):
     # 8 of 45 Predicts failed: far above the 5% threshold, but `for: 5m` has not passed.
     def state() -> str:
@@ -349,6 +371,7 @@ def test_error_ratio_alert_goes_pending_on_real_errors(scraped):
     assert wait_for("ConvserveHighErrorRatio to go pending", state, timeout=10) == "pending"
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_is_valid_promql_with_data_where_expected(scraped):
     prom = scraped.prometheus
     empty = []
@@ -393,6 +416,7 @@ def test_one_server_with_the_multiprocess_variable_makes_its_folder_and_serves_m
         assert not first & {f.name for f in mp_dir.iterdir()}  # the last run's files wiped
 
 
+@pytest.mark.slow  # about 3 s: workers, a kill, a restart
 def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_repository, tmp_path):
     mp_dir = tmp_path / "prom-multiproc"
     env = {"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
