@@ -378,6 +378,7 @@ def test_refusals_are_counted_by_group_and_code(tls_server):
     assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
 
 
+@pytest.mark.slow  # about 2 s: the file is looked at once a second, twice
 def test_token_file_edits_apply_without_a_restart(tls_server):
     tokens = tls_server.tokens
 
@@ -506,6 +507,7 @@ def refused_starts(repo, tmp_path_factory) -> dict[str, subprocess.CompletedProc
     return out
 
 
+@pytest.mark.slow  # about 3 s: four cnn-serve processes started at once
 @pytest.mark.parametrize(
     "case, says",
     [

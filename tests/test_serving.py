@@ -248,6 +248,7 @@ def test_v2_metadata_and_readiness(server):
     assert stub.ServerMetadata(v2.ServerMetadataRequest()).name == "convserve"
 
 
+@pytest.mark.slow  # its own venv (make test builds it)
 def test_tritonclient_gets_the_same_probabilities_as_onnx_runtime(
     server, fashion_test, ort_probs, tmp_path, tritonclient_python
 ):
@@ -549,6 +550,7 @@ def test_auto_device_falls_back_to_cpu_loudly_and_reports_it(model_repository):
         assert sum(v for labels, v in info if labels["provider"] == "CPUExecutionProvider") == 1
 
 
+@pytest.mark.slow  # about 2 s: three processes
 def test_two_workers_share_the_port(model_repository, tmp_path, fashion_test):
     with running_server(model_repository, tmp_path, "--workers", "2") as s:
         for _ in range(8):  # new channels: SO_REUSEPORT spreads connections
