@@ -556,16 +556,22 @@ def test_two_workers_share_the_port(model_repository, tmp_path, fashion_test):
         for _ in range(8):  # new channels: SO_REUSEPORT spreads connections
             with Client(s.target) as c:
                 assert c.predict([fashion_test.images[0]])[0].version == 1
-        ok = lambda: metric_value(s.metrics(), "convserve_requests_total", code="OK")  # noqa: E731
-        wait_for("8 answered Predicts in the parent's /metrics", lambda: ok() >= 8)
-        text = s.metrics()
+
+        def workers(text: str) -> set[str]:
+            return {
+                line.split('pid="')[1].split('"')[0]
+                for line in text.splitlines()
+                if line.startswith("convserve_process_resident_memory_bytes{")
+            }
+
+        def settled() -> str | None:  # the second worker may still be loading its model
+            text = s.metrics()
+            answered = metric_value(text, "convserve_requests_total", code="OK") >= 8
+            return text if answered and len(workers(text)) >= 2 else None
+
+        text = wait_for("both workers and the 8 answers in the parent's /metrics", settled)
         assert metric_value(text, "convserve_requests_total", method="Predict", code="OK") == 8
-        pids = {
-            line.split('pid="')[1].split('"')[0]
-            for line in text.splitlines()
-            if line.startswith("convserve_process_resident_memory_bytes{")
-        }
-        assert len(pids) == 2
+        assert len(workers(text)) == 2
 
 
 @pytest.mark.parametrize(
