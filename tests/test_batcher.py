@@ -209,6 +209,8 @@ def test_cancelled_expired_and_abandoned_rows_are_counted_and_expired_ones_never
         with pytest.raises(DeadlineExceeded):
             await expires
         assert np.array_equal(await kept, image_rows(8))
+        # The gated runs took over 10 ms, so small runs stay on the executor (not inline on
+        # the loop): a caller can leave while one runs.
         rec.gate.clear()
         left = asyncio.ensure_future(b.submit(image_rows(5)))
         await until(lambda: len(rec.batches) == 3)  # its batch is running now:
