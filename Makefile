@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install system-deps images proto data demo test fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-targets bench-cpu bench-metrics bench-arena overload soak clean
+.PHONY: install system-deps images proto data demo test test-fast fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-targets bench-cpu bench-metrics bench-arena overload soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ images:  ## build the CPU serving and trainer images (docker or podman)
 
 test: system-deps install data $(TRITON_VENV)/.installed $(CHECKOV_VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
+
+# The edit-test loop: every test not marked slow (no images, real Prometheus, extra venvs,
+# multi-process training); the system packages the suite uses are not installed here.
+test-fast: install data  ## the fast tier: pytest -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 FUZZ_SECONDS ?= 120
 

@@ -138,14 +138,17 @@ def start_server(
     return server
 
 
-def wait_serving(server: ServerProcess, timeout: float = 60.0) -> None:
+def wait_serving(server: ServerProcess, timeout: float = 60.0, port: int = 0) -> None:
+    """Until health on the gRPC port (or on plaintext `port`, when the gRPC port needs TLS or
+    a token) says SERVING; stops the server and raises with its log if it does not."""
+    target = f"{server.host}:{port}" if port else server.target
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()}")
-        if check(server.target, timeout=1.0) == "SERVING":
+        if check(target, timeout=1.0) == "SERVING":
             return
-        time.sleep(0.1)
+        time.sleep(0.1)  # between probes of a condition, not a guess at how long start-up takes
     server.stop()
     raise TimeoutError(f"server not SERVING after {timeout}s:\n{server.log()}")
 

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,17 +17,25 @@ from serving.settings import ServerSettings
 
 
 class Recorder:
-    """A run function that doubles its input and records every batch it was given."""
+    """A run function that doubles its input and records every batch it was given.
+
+    `delay` is a simulated run time. A run also waits while `gate` is closed (cleared), so a
+    test knows which requests are queued while a run is busy, whatever the machine's speed.
+    """
 
     def __init__(self, fail_on: int | None = None, delay: float = 0.0):
         self.batches: list[np.ndarray] = []
         self.fail_on = fail_on
         self.delay = delay
         self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self.lock:
             self.batches.append(x.copy())
+        if not self.gate.wait(timeout=30):
+            raise RuntimeError("the test never opened the gate")
         if self.delay:
             time.sleep(self.delay)
         if self.fail_on is not None and (x == self.fail_on).any():
@@ -36,6 +45,16 @@ class Recorder:
 
 def run(coro_fn, *args):
     return asyncio.run(coro_fn(*args))
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Yield to the event loop until `condition()` holds (fail after `timeout` s)."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 async def _with_batcher(run_fn, config, body):
@@ -83,13 +102,16 @@ def test_a_request_larger_than_max_batch_is_split_and_reassembled():
 
 
 def test_a_failed_run_fails_only_the_requests_in_that_batch():
-    rec = Recorder(fail_on=13, delay=0.05)
+    rec = Recorder(fail_on=13)
+    rec.gate.clear()
 
     async def body(b):
         first = asyncio.ensure_future(b.submit(rows(1)))  # runs alone while the next queue
-        await asyncio.sleep(0.01)
+        await until(lambda: len(rec.batches) == 1)
         poisoned = asyncio.ensure_future(b.submit(rows(13)))
         companion = asyncio.ensure_future(b.submit(rows(5)))  # shares the poisoned batch
+        await until(lambda: b.queued_rows == 2)
+        rec.gate.set()
         assert np.array_equal(await first, rows(2))
         for fut in (poisoned, companion):
             with pytest.raises(InferenceFailed, match="poisoned row 13"):
@@ -101,16 +123,18 @@ def test_a_failed_run_fails_only_the_requests_in_that_batch():
 
 
 def test_queue_full_sheds_at_once_and_memory_stays_bounded():
-    rec = Recorder(delay=0.05)
+    rec = Recorder()
+    rec.gate.clear()
 
     async def body(b):
         first = asyncio.ensure_future(b.submit(rows(*range(4))))
-        await asyncio.sleep(0.01)  # running: the queue is empty again
+        await until(lambda: len(rec.batches) == 1)  # running: the queue is empty again
         queued = asyncio.ensure_future(b.submit(rows(*range(6))))
         await asyncio.sleep(0)
         assert b.queued_rows == 6
         with pytest.raises(QueueFull):
             await b.submit(rows(*range(5)))  # 6 + 5 > 10
+        rec.gate.set()
         await first
         await queued
 
@@ -118,19 +142,23 @@ def test_queue_full_sheds_at_once_and_memory_stays_bounded():
 
 
 def test_expired_and_cancelled_requests_are_dropped_before_compute():
-    rec = Recorder(delay=0.05)
+    rec = Recorder()
+    rec.gate.clear()
 
     async def body(b):
         blocker = asyncio.ensure_future(b.submit(rows(1)))
-        await asyncio.sleep(0.01)
-        expired = asyncio.ensure_future(b.submit(rows(2), deadline=time.monotonic() + 0.01))
+        await until(lambda: len(rec.batches) == 1)
+        deadline = time.monotonic() + 0.01
+        expired = asyncio.ensure_future(b.submit(rows(2), deadline=deadline))
         cancelled = asyncio.ensure_future(b.submit(rows(3)))
-        await asyncio.sleep(0.005)
+        await until(lambda: b.queued_rows == 2)
         cancelled.cancel()
+        await until(lambda: time.monotonic() > deadline)  # expired while the blocker runs
+        rec.gate.set()
         await blocker
         with pytest.raises(DeadlineExceeded):
             await expired
-        assert await b.submit(rows(4)) is not None
+        assert np.array_equal(await b.submit(rows(4)), rows(8))  # the batcher serves on
 
     run(_with_batcher, rec, batching(max_batch_size=4), body)
     computed = np.concatenate(rec.batches).ravel().tolist()
@@ -162,25 +190,33 @@ def image_rows(value: int, n: int = 2) -> np.ndarray:
 
 
 def test_cancelled_expired_and_abandoned_rows_are_counted_and_expired_ones_never_run():
-    rec = Recorder(delay=0.05)
+    rec = Recorder()
+    rec.gate.clear()
     fates = Fates()
 
     async def body(b):
         blocker = asyncio.ensure_future(b.submit(image_rows(1)))
-        await asyncio.sleep(0.01)
-        expires = asyncio.ensure_future(b.submit(image_rows(2), time.monotonic() + 0.01))
+        await until(lambda: len(rec.batches) == 1)
+        deadline = time.monotonic() + 0.01
+        expires = asyncio.ensure_future(b.submit(image_rows(2), deadline))
         cancelled = asyncio.ensure_future(b.submit(image_rows(3)))  # queued behind `expires`
         kept = asyncio.ensure_future(b.submit(image_rows(4), time.monotonic() + 5))
-        await asyncio.sleep(0.005)
+        await until(lambda: b.queued_rows == 6)
         cancelled.cancel()
+        await until(lambda: time.monotonic() > deadline)  # expired while the blocker runs
+        rec.gate.set()
         await blocker
         with pytest.raises(DeadlineExceeded):
             await expires
         assert np.array_equal(await kept, image_rows(8))
+        # The gated runs took over 10 ms, so small runs stay on the executor (not inline on
+        # the loop): a caller can leave while one runs.
+        rec.gate.clear()
         left = asyncio.ensure_future(b.submit(image_rows(5)))
-        await asyncio.sleep(0.02)  # its batch is running now: the caller leaves mid-run
-        left.cancel()
-        await asyncio.sleep(0.06)
+        await until(lambda: len(rec.batches) == 3)  # its batch is running now:
+        left.cancel()  # the caller leaves mid-run
+        rec.gate.set()
+        await until(lambda: fates.abandoned_rows == 2)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         run(_observed, rec, batching(max_batch_size=4), pool, fates, body)
@@ -195,11 +231,16 @@ def test_a_deadline_that_passes_while_the_batch_waits_for_the_ort_thread_is_not_
     run, a slow device) cannot make a row start after its deadline."""
     rec = Recorder()
     fates = Fates()
+    busy = threading.Event()
 
     async def body(b):
-        b.executor.submit(time.sleep, 0.1)  # the only ORT thread is busy for 100 ms
+        b.executor.submit(busy.wait, 30)  # the only ORT thread is busy until `busy` is set
+        deadline = time.monotonic() + 0.03
+        late = asyncio.ensure_future(b.submit(image_rows(6), deadline))
+        await until(lambda: time.monotonic() > deadline)
+        busy.set()
         with pytest.raises(DeadlineExceeded):
-            await b.submit(image_rows(6), time.monotonic() + 0.03)
+            await late
         assert np.array_equal(await b.submit(image_rows(7)), image_rows(14))
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -233,17 +274,24 @@ def test_close_finishes_admitted_work_and_refuses_new():
 
 def test_queue_delay_waits_for_company_up_to_the_limit():
     rec = Recorder()
+    delay = 0.3
 
     async def body(b):
-        t0 = time.monotonic()
         first = asyncio.ensure_future(b.submit(rows(1)))
+        # The second comes later (the behaviour under test), well within the delay.
         await asyncio.sleep(0.01)
         second = asyncio.ensure_future(b.submit(rows(2)))
         await asyncio.gather(first, second)
+        t0 = time.monotonic()
+        await b.submit(rows(3))  # alone: no company comes
         return time.monotonic() - t0
 
-    run(_with_batcher, rec, batching(max_batch_size=8, max_queue_delay_us=50_000), body)
-    assert [len(x) for x in rec.batches] == [2]  # the first waited and took the second along
+    config = batching(max_batch_size=2, max_queue_delay_us=int(delay * 1e6))
+    waited = run(_with_batcher, rec, config, body)
+    # The first waited and took the second along; the lone one was held for the whole delay
+    # (asyncio may fire a timer up to its clock resolution early) and then ran by itself.
+    assert [x.ravel().tolist() for x in rec.batches] == [[1, 2], [3]]
+    assert waited >= delay - 1e-3
 
 
 class ThreadRecorder(Recorder):

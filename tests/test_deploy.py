@@ -105,6 +105,7 @@ def test_every_image_runs_as_non_root_from_pinned_bases_and_the_serving_ones_pro
     assert not any(ln.startswith("torch") for ln in pins(cpu) + pins(cuda))
 
 
+@pytest.mark.slow  # about 6 s: pip resolves the whole set
 def test_the_cuda_images_requirements_resolve_for_its_python_3_12():
     """The CUDA image cannot be built here (its base is not pullable): at least every pin of
     its requirements file has a wheel for the image's Python and the set is consistent."""
@@ -205,6 +206,7 @@ def test_the_crd_schema_rejects_a_misspelt_field(tmp_path):
     assert out.returncode != 0 and "intervall" in out.stdout
 
 
+@pytest.mark.slow  # checkov's own venv (make test builds it); tens of seconds
 def test_rendered_manifests_pass_the_checkov_policy_linter(rendered, tmp_path):
     if not CHECKOV.exists():
         pytest.fail("checkov is not installed: `make .venv-checkov/.installed` (make test does)")

@@ -6,7 +6,8 @@ users can write are reported loudly. A served version lives in memory: deleting 
 its folder is reported once and changes nothing until a higher valid version loads.
 
 Models are tiny graphs built by hand (tests/tiny_models.py) with known answers; servers are
-real `cnn-serve` processes polling a repository every 0.2 s.
+built in this process (tests/inprocess.py), poll a repository every 0.2 s and are spoken to
+by real gRPC clients.
 """
 
 from __future__ import annotations
@@ -26,14 +27,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 from prometheus_client import CollectorRegistry
-from serving_helpers import ServerProcess, metric_value, start_server
-from tiny_models import (
-    DEFAULT_LABELS,
-    image_of_class,
-    make_model,
-    with_external_data,
-    write_version,
-)
 
 from serving.client import Client
 from serving.metrics import Metrics, MetricsEvents
@@ -41,22 +34,22 @@ from serving.model import REFUSALS
 from serving.repository import ModelRepository
 from serving.runtime import Session
 from serving.settings import ServerSettings
+from tests.inprocess import InProcessServer, serving
+from tests.serving_helpers import wait_for
+from tests.tiny_models import (
+    DEFAULT_LABELS,
+    image_of_class,
+    make_model,
+    with_external_data,
+    write_version,
+)
 
 MODEL = "tiny"
 MAX_MODEL_BYTES = 64 * 1024
 IMAGES = [image_of_class(k) for k in range(len(DEFAULT_LABELS))]
 
 
-def wait_for(check: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or check}")
-
-
-def assert_serves(server: ServerProcess, version: int, labels=DEFAULT_LABELS) -> None:
+def assert_serves(server: InProcessServer, version: int, labels=DEFAULT_LABELS) -> None:
     """Predict answers every class correctly from `version`."""
     with Client(server.target) as client:
         preds = client.predict(IMAGES)
@@ -136,26 +129,13 @@ HOSTILE: dict[str, tuple[Callable[[Path, int], Path], str]] = {
 
 
 @pytest.fixture(scope="module")
-def hostile_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path, Iterator[int]]]:
+def hostile_server(tmp_path_factory) -> Iterator[tuple[InProcessServer, Path, Iterator[int]]]:
     """One server polling every 0.2 s, serving a good version 1; each test drops the next
     (higher) version number, so each hostile version is the newest the server sees."""
-    tmp = tmp_path_factory.mktemp("hostile")
-    root = tmp / "models"
+    root = tmp_path_factory.mktemp("hostile") / "models"
     write_version(root, MODEL, 1)
-    server = start_server(
-        root,
-        tmp,
-        "--poll-interval",
-        "0.2",
-        "--device",
-        "cpu",
-        "--max-model-bytes",
-        str(MAX_MODEL_BYTES),
-    )
-    try:
-        yield server, root, itertools.count(2)
-    finally:
-        server.stop()
+    with serving(root, poll_interval=0.2, device="cpu", max_model_bytes=MAX_MODEL_BYTES) as s:
+        yield s, root, itertools.count(2)
 
 
 @pytest.mark.parametrize("kind", list(HOSTILE))
@@ -166,20 +146,19 @@ def test_a_hostile_version_is_refused_with_its_reason_and_the_old_one_keeps_serv
     write, reason = HOSTILE[kind]
     assert reason in REFUSALS
     v = next(versions)
-    before = metric_value(server.metrics(), "convserve_model_load_failures_total", reason=reason)
+    failures = {"model": MODEL, "reason": reason}
+    before = server.value("convserve_model_load_failures_total", **failures)
     write(root, v)
     wait_for(
+        f"the refusal of version {v} as {reason}",
         lambda: f"refused {MODEL} version {v} ({reason})" in server.log(),
-        what=f"the refusal of version {v} as {reason}:\n{server.log()[-3000:]}",
+        every=0.05,
     )
-    text = server.metrics()
-    assert metric_value(
-        text, "convserve_model_load_failures_total", model=MODEL, reason=reason
-    ) == (before + 1)
+    assert server.value("convserve_model_load_failures_total", **failures) == before + 1
     labels = {"model": MODEL, "version": str(v), "reason": reason}
-    assert metric_value(text, "convserve_model_version_refused", **labels) == 1
+    assert server.value("convserve_model_version_refused", **labels) == 1
     assert_serves(server, version=1)
-    assert server.proc.poll() is None
+    assert server.running
 
 
 def test_external_data_is_never_read_from_the_working_directory(tmp_path, monkeypatch):
@@ -204,23 +183,23 @@ def test_a_served_version_deleted_or_changed_on_disk_keeps_serving_until_a_highe
 ):
     root = tmp_path / "models"
     v1 = write_version(root, MODEL, 1)
-    server = start_server(root, tmp_path, "--poll-interval", "0.2", "--device", "cpu")
-    try:
+    with serving(root, poll_interval=0.2, device="cpu") as server:
         changed = "convserve_model_files_changed_total"
         # Changed in place: the copy in memory is what serves.
         manifest = (v1 / "manifest.json").read_text()
         (v1 / "manifest.json").write_text(manifest.replace('"dark"', '"pitch"'))
         os.utime(v1 / "manifest.json", (time.time() + 5, time.time() + 5))
-        wait_for(lambda: metric_value(server.metrics(), changed, event="changed") == 1)
+        was = lambda event: server.value(changed, model=MODEL, event=event)  # noqa: E731
+        wait_for("the change to be reported", lambda: was("changed") == 1)
         assert_serves(server, version=1)
         # Deleted: still served from memory.
         shutil.rmtree(v1)
-        wait_for(lambda: metric_value(server.metrics(), changed, event="deleted") == 1)
+        wait_for("the deletion to be reported", lambda: was("deleted") == 1)
         assert_serves(server, version=1)
-        time.sleep(0.5)  # more scans: each event is reported once
-        text = server.metrics()
-        assert metric_value(text, changed, model=MODEL, event="changed") == 1
-        assert metric_value(text, changed, model=MODEL, event="deleted") == 1
+        for _ in range(2):  # more scans: each event is reported once
+            server.call(server.app.repository.scan())
+        assert was("changed") == 1
+        assert was("deleted") == 1
         log = server.log()
         assert log.count(f"{v1} was deleted under the running server") == 1
         assert log.count(f"{v1} was changed under the running server") == 1
@@ -228,10 +207,8 @@ def test_a_served_version_deleted_or_changed_on_disk_keeps_serving_until_a_highe
         labels = ("black", "grey", "silver", "white")
         write_version(root, MODEL, 2, labels=labels)
         with Client(server.target) as client:
-            wait_for(lambda: client.model_info()["version"] == 2, what="version 2 to load")
+            wait_for("version 2 to load", lambda: client.model_info()["version"] == 2)
         assert_serves(server, version=2, labels=labels)
-    finally:
-        server.stop()
 
 
 # ----------------------------------------------------------------------------- writable folders

@@ -1,7 +1,13 @@
 """Metrics end to end: the Prometheus rules and the Grafana dashboard are valid, a real
 Prometheus scrapes a real server and sees exactly the workload that was sent, and with
 `--workers N` the parent's /metrics is the exact sum over workers, keeps a dead worker's
-counts and drops its live gauges."""
+counts and drops its live gauges.
+
+The scraped server is built in this process with a registry of its own, exposed by
+prometheus_client's `start_http_server` as `cnn-serve` exposes its registry; values are read
+back from that registry. `cnn-serve` processes serve what only a process shows: its own
+/proc figures, `--workers N`, the multiprocess folder and `--no-metrics` (no listener).
+"""
 
 from __future__ import annotations
 
@@ -22,22 +28,25 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.metrics import Metrics
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from tests.inprocess import InProcessServer, serving
 from tests.serving_helpers import (
     PROMETHEUS_DIR,
     ROOT,
     RULE_FILES,
     Prometheus,
-    ServerProcess,
     codes_of,
     metric_value,
     running_server,
     wait_for,
 )
+from tests.tiny_models import write_version
 
 MODEL = "fashion-mnist"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "convserve.json"
@@ -168,7 +177,11 @@ def new_channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+Samples = list[tuple[dict[str, str], float]]
+
+
+def samples(text: str, name: str) -> Samples:
+    """(labels, value) of every sample called `name` in a /metrics text."""
     return [
         (s.labels, s.value)
         for fam in text_string_to_metric_families(text)
@@ -177,21 +190,38 @@ def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     ]
 
 
-def requests_by_method_code(text: str) -> dict[tuple[str, str], int]:
-    return {
-        (lab["method"], lab["code"]): int(v)
-        for lab, v in samples(text, "convserve_requests_total")
-        if v
-    }
+def requests_by_method_code(requests: Samples) -> dict[tuple[str, str], int]:
+    """convserve_requests_total's samples, by (method, code), those that are not 0."""
+    return {(lab["method"], lab["code"]): int(v) for lab, v in requests if v}
 
 
 def worker_pids(text: str, gauge: str) -> set[str]:
     return {lab["pid"] for lab, _ in samples(text, gauge)}
 
 
+# One request of each kind, then the rest (the scraped server sends the rest only once
+# Prometheus has its first sample).
+FIRST = Workload(ok=1, invalid=1, not_found=1, model_info=1)
+REST = FIRST.then(ok=37, invalid=5, not_found=3, model_info=2)
+
+
+def send(server: InProcessServer, workload: Workload) -> None:
+    with server.channel() as ch:
+        workload.send(pb_grpc.ClassifierStub(ch))
+
+
+@pytest.fixture(scope="module")
+def counted(model_repository) -> Iterator[InProcessServer]:
+    """One in-process server that has handled FIRST + REST."""
+    with serving(model_repository, max_queue_delay_us=1000) as server:
+        send(server, FIRST)
+        send(server, REST)
+        yield server
+
+
 @dataclass
 class Scraped:
-    server: ServerProcess
+    server: InProcessServer
     prometheus: Prometheus
     sent: Workload  # everything the server handled
     scraped: Workload  # the part sent after Prometheus's first scrape
@@ -207,46 +237,41 @@ def scraped(model_repository, tmp_path_factory) -> Iterator[Scraped]:
     server). The rest follows once Prometheus has that first sample.
     """
     tmp = tmp_path_factory.mktemp("prometheus")
-    first = Workload(ok=1, invalid=1, not_found=1, model_info=1)
-    rest = first.then(ok=37, invalid=5, not_found=3, model_info=2)
-    with running_server(model_repository, tmp, "--max-queue-delay-us", "1000") as server:
-        with server.channel() as ch:
-            first.send(pb_grpc.ClassifierStub(ch))
-        prom = Prometheus(tmp, f"127.0.0.1:{server.metrics_port}")
+    with serving(model_repository, max_queue_delay_us=1000) as server:
+        send(server, FIRST)
+        httpd, _ = start_http_server(0, "127.0.0.1", server.registry)  # as cnn-serve's own
+        prom = Prometheus(tmp, f"127.0.0.1:{httpd.server_port}")
         try:
             prom.wait_ready()
-            with server.channel() as ch:
-                rest.send(pb_grpc.ClassifierStub(ch))
+            send(server, REST)
             prom.wait_scrapes_after(time.time())
-            yield Scraped(server, prom, first + rest, rest)
+            yield Scraped(server, prom, FIRST + REST, REST)
         finally:
             prom.stop()
+            httpd.shutdown()
+            httpd.server_close()
 
 
-def test_metrics_text_counts_the_workload_exactly(scraped):
-    text, w = scraped.server.metrics(), scraped.sent
-    assert requests_by_method_code(text) == w.requests
-    assert (
-        metric_value(text, "convserve_inference_items_total", model=MODEL, version="1") == w.images
-    )
-    assert metric_value(text, "convserve_batch_size_sum", model=MODEL) == w.images
-    assert metric_value(text, "convserve_queue_wait_seconds_count", model=MODEL) == w.ok
+def test_metrics_count_the_workload_exactly(counted):
+    server, w = counted, FIRST + REST
+    model = {"model": MODEL, "version": "1"}
+    assert requests_by_method_code(server.samples("convserve_requests_total")) == w.requests
+    assert server.value("convserve_inference_items_total", **model) == w.images
+    assert server.value("convserve_batch_size_sum", **model) == w.images
+    assert server.value("convserve_queue_wait_seconds_count", **model) == w.ok
     calls = sum(n for (m, _), n in w.requests.items() if m == "Predict")
-    assert metric_value(text, "convserve_request_duration_seconds_count", method="Predict") == calls
-    assert (
-        metric_value(text, "convserve_rejected_requests_total", reason="invalid_argument")
-        == w.invalid
+    assert server.value("convserve_request_duration_seconds_count", method="Predict") == calls
+    assert server.value("convserve_rejected_requests_total", reason="invalid_argument") == (
+        w.invalid
     )
-    assert (
-        metric_value(text, "convserve_rejected_requests_total", reason="not_found") == w.not_found
-    )
-    assert metric_value(text, "convserve_inflight_requests") == 0
-    assert metric_value(text, "convserve_queue_depth", model=MODEL) == 0
+    assert server.value("convserve_rejected_requests_total", reason="not_found") == w.not_found
+    assert server.value("convserve_inflight_requests") == 0
+    assert server.value("convserve_queue_depth", **model) == 0
 
 
-def test_metrics_text_describes_the_served_model_and_the_process(scraped):
-    text = scraped.server.metrics()
-    (info,) = [(lab, v) for lab, v in samples(text, "convserve_model_info") if v]
+def test_metrics_describe_the_served_model(counted):
+    server = counted
+    (info,) = [(lab, v) for lab, v in server.samples("convserve_model_info") if v]
     assert info == (
         {
             "model": MODEL,
@@ -258,14 +283,22 @@ def test_metrics_text_describes_the_served_model_and_the_process(scraped):
         1.0,
     )
     assert int(info[0]["opset"]) >= 13
-    assert metric_value(text, "convserve_models_loaded") == 1
-    assert metric_value(text, "convserve_model_loads_total", model=MODEL) == 1
-    assert metric_value(text, "convserve_model_load_failures_total") == 0
+    assert server.value("convserve_models_loaded") == 1
+    assert server.value("convserve_model_loads_total", model=MODEL) == 1
+    assert not any(v for _, v in server.samples("convserve_model_load_failures_total"))
+
+
+def test_metrics_text_describes_the_server_process(tmp_path):
+    """One `cnn-serve` process reports its own CPU, memory and fds, without a pid label."""
+    write_version(tmp_path / "models")
+    with running_server(tmp_path / "models", tmp_path) as s:
+        text = s.metrics()
     for gauge in PROCESS_GAUGES:
         ((labels, value),) = samples(text, gauge)
         assert labels == {} and value > 0, gauge  # one process, no pid label
 
 
+@pytest.mark.slow  # a real Prometheus (the `scraped` fixture: about 8 s)
 def test_prometheus_scrapes_exact_request_and_image_counts(scraped):
     prom, w = scraped.prometheus, scraped.sent
     got = {
@@ -276,6 +309,7 @@ def test_prometheus_scrapes_exact_request_and_image_counts(scraped):
     assert prom.value("sum(convserve_inference_items_total)") == w.images
 
 
+@pytest.mark.slow
 def test_prometheus_sees_observations_in_every_histogram(scraped):
     prom, w = scraped.prometheus, scraped.sent
     assert prom.value('sum(convserve_request_duration_seconds_count{method="Predict"})') > 0
@@ -290,6 +324,7 @@ def rule_value(prom: Prometheus, expr: str) -> float:
     return float(result["value"][1])
 
 
+@pytest.mark.slow
 def test_mean_batch_size_rule_is_rows_per_batch_of_the_scraped_workload(scraped):
     prom = scraped.prometheus
     got = rule_value(prom, 'job_model:convserve_batch_size:mean_rate5m{model="fashion-mnist"}')
@@ -302,6 +337,7 @@ def test_mean_batch_size_rule_is_rows_per_batch_of_the_scraped_workload(scraped)
     assert got == pytest.approx(rows / batches, rel=0.05)
 
 
+@pytest.mark.slow
 def test_error_ratio_rule_sees_the_failed_predicts(scraped):
     w = scraped.scraped
     failed, calls = w.invalid + w.not_found, w.ok + w.invalid + w.not_found
@@ -312,6 +348,7 @@ def test_error_ratio_rule_sees_the_failed_predicts(scraped):
     assert got == pytest.approx(failed / calls, rel=0.3)
 
 
+@pytest.mark.slow
 def test_every_rule_loads_and_evaluates_without_error(scraped):
     groups = scraped.prometheus.get("/api/v1/rules")["data"]["groups"]
     assert sorted(g["name"] for g in groups) == ["convserve.alerts", "convserve.recording"]
@@ -321,6 +358,7 @@ def test_every_rule_loads_and_evaluates_without_error(scraped):
     assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
 
 
+@pytest.mark.slow
 def test_error_ratio_alert_goes_pending_on_real_errors(scraped):
     # 8 of 45 Predicts failed: far above the 5% threshold, but `for: 5m` has not passed.
     def state() -> str:
@@ -333,6 +371,7 @@ def test_error_ratio_alert_goes_pending_on_real_errors(scraped):
     assert wait_for("ConvserveHighErrorRatio to go pending", state, timeout=10) == "pending"
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_is_valid_promql_with_data_where_expected(scraped):
     prom = scraped.prometheus
     empty = []
@@ -377,6 +416,7 @@ def test_one_server_with_the_multiprocess_variable_makes_its_folder_and_serves_m
         assert not first & {f.name for f in mp_dir.iterdir()}  # the last run's files wiped
 
 
+@pytest.mark.slow  # about 3 s: workers, a kill, a restart
 def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_repository, tmp_path):
     mp_dir = tmp_path / "prom-multiproc"
     env = {"PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
@@ -407,7 +447,7 @@ def test_workers_aggregate_exactly_and_keep_a_dead_workers_counts(model_reposito
 
         def check_totals(text: str) -> None:
             want = {**expected, ("Predict", "OK"): expected[("Predict", "OK")] + probes}
-            assert requests_by_method_code(text) == want
+            assert requests_by_method_code(samples(text, "convserve_requests_total")) == want
             assert metric_value(text, "convserve_inference_items_total") == images + probes
             assert metric_value(text, "convserve_batch_size_sum") == images + probes
             assert metric_value(text, "convserve_rejected_requests_total") == w.invalid * channels
@@ -458,10 +498,6 @@ def test_no_metrics_serves_and_records_nothing(model_repository, tmp_path):
             Workload(ok=2, invalid=1, not_found=0, model_info=0).send(pb_grpc.ClassifierStub(ch))
         with pytest.raises(urllib.error.URLError):
             s.metrics()
-    from prometheus_client import CollectorRegistry
-
-    from serving.metrics import Metrics
-
     registry = CollectorRegistry()
     m = Metrics(registry, enabled=False)
     m.request_done("Predict", "OK", 0.001)
@@ -469,7 +505,9 @@ def test_no_metrics_serves_and_records_nothing(model_repository, tmp_path):
     m.model_observer("m", 1).batch(4, 0.01)
     values = [s.value for f in registry.collect() for s in f.samples]
     assert not any(values), "a disabled Metrics recorded something"
-    on = Metrics(CollectorRegistry())
+    registry = CollectorRegistry()
+    on = Metrics(registry)
     on.request_done("Predict", "OK", 0.001)
     on.request_done("Predict", "OK", 0.002)
-    assert on.requests.labels("Predict", "OK")._value.get() == 2
+    labels = {"method": "Predict", "code": "OK"}
+    assert registry.get_sample_value("convserve_requests_total", labels) == 2

@@ -1,10 +1,14 @@
 """Transport and access: TLS, mutual TLS, certificate rotation, bearer tokens, the probe port.
 
-Two real `cnn-serve` processes serve a tiny model (tests/tiny_models.py), each started once:
+Servers serve a tiny model (tests/tiny_models.py), each started once, built in this process
+(tests/inprocess.py) and spoken to by real gRPC clients, `cnn-predict` and `cnn-bench`:
 
-- `tls_server`: one worker, TLS (server certificate only), a token file, `--health-port`,
-  gRPC bound to 0.0.0.0 and /metrics to 127.0.0.1 only;
-- `mtls_server`: `--workers 2`, mutual TLS, `--health-port`, no tokens.
+- `tls_server`: TLS (server certificate only), a token file, a health port;
+- `mtls_server`: mutual TLS, a health port, no tokens.
+
+`cnn-serve` processes only for what a process does: `mtls_workers` (`--workers 2`, mutual
+TLS) re-reads its certificates on SIGHUP in every worker; /metrics binds where it is told;
+bad credentials stop start-up with exit code 3.
 
 Certificates are made at test time (tests/certs.py); no key is ever committed.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -35,9 +40,18 @@ from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from tests.certs import CA
-from tests.serving_helpers import ROOT, ServerProcess, free_port, metric_value, start_server
+from tests.inprocess import InProcessServer, serving
+from tests.serving_helpers import (
+    ROOT,
+    ServerProcess,
+    free_port,
+    start_server,
+    wait_for,
+    wait_serving,
+)
 from tests.tiny_models import image_of_class, write_version
 
+OK = grpc.StatusCode.OK
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 TOKENS = "# test tokens\ntok-all\n\ntok-infer inference\ntok-meta metadata\n"
@@ -48,7 +62,7 @@ GREY = image_of_class(2)  # the tiny model answers class 2 ("mid") for it
 class Secured:
     """A running server and the files its clients need (`ca` follows certificate rotation)."""
 
-    server: ServerProcess
+    server: InProcessServer | ServerProcess
     health_port: int
     dir: Path
     ca: Path
@@ -75,26 +89,30 @@ class Secured:
         return grpc.secure_channel(self.target, creds, options=opts)
 
 
-def _wait_health(server: ServerProcess, port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while check(f"127.0.0.1:{port}", timeout=1.0) != "SERVING":
-        if server.proc.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"server did not come up:\n{server.log()}")
-        time.sleep(0.1)
-
-
 @contextlib.contextmanager
-def _serving(repo: Path, d: Path, *args: str) -> Iterator[tuple[ServerProcess, int]]:
-    """A server with `args` and a plaintext health port, once that port says SERVING (the
-    main port may need TLS or a token); stopped on exit."""
+def _serving_process(repo: Path, d: Path, *args: str) -> Iterator[tuple[ServerProcess, int]]:
+    """A `cnn-serve` process with `args` and a plaintext health port, once that port says
+    SERVING (the main port may need TLS or a token); stopped on exit."""
     health = free_port()
     server = start_server(repo, d, *args, "--health-port", str(health), wait=False)
     try:
-        _wait_health(server, health)
+        wait_serving(server, port=health)
         yield server, health
     finally:
         server.stop()
+
+
+def _mutual_tls(d: Path) -> tuple[dict[str, Path], Path, tuple[Path, Path]]:
+    """Files in `d` for a mutual-TLS server: its settings (tls_cert, tls_key, tls_client_ca),
+    the CA that vouches for it, and a client certificate and key the server trusts."""
+    server_ca, client_ca = CA("server-ca"), CA("client-ca")
+    cert, key = server_ca.issue("server").write(d / "server")
+    files = {
+        "tls_cert": cert,
+        "tls_key": key,
+        "tls_client_ca": client_ca.write(d / "client-ca.crt"),
+    }
+    return files, server_ca.write(d / "ca.crt"), client_ca.issue("client").write(d / "client")
 
 
 @pytest.fixture(scope="module")
@@ -111,30 +129,36 @@ def tls_server(repo, tmp_path_factory) -> Iterator[Secured]:
     cert, key = ca.issue("server").write(d / "server")
     tokens = d / "tokens.txt"
     tokens.write_text(TOKENS)
-    with _serving(
+    health = free_port()
+    with serving(
         repo,
-        d,
-        *("--host", "0.0.0.0", "--poll-interval", "0"),
-        *("--tls-cert", str(cert), "--tls-key", str(key)),
-        *("--auth-token-file", str(tokens)),
-    ) as (server, health):
+        poll_interval=0,
+        tls_cert=cert,
+        tls_key=key,
+        auth_token_file=tokens,
+        health_port=health,
+    ) as server:
         yield Secured(server, health, d, ca.write(d / "ca.crt"), tokens)
 
 
 @pytest.fixture(scope="module")
 def mtls_server(repo, tmp_path_factory) -> Iterator[Secured]:
     d = tmp_path_factory.mktemp("mtls")
-    server_ca, client_ca = CA("server-ca"), CA("client-ca")
-    cert, key = server_ca.issue("server").write(d / "server")
-    with _serving(
-        repo,
-        d,
-        *("--workers", "2", "--intra-op-threads", "1", "--poll-interval", "0"),
-        *("--tls-cert", str(cert), "--tls-key", str(key)),
-        *("--tls-client-ca", str(client_ca.write(d / "client-ca.crt"))),
+    files, ca, client = _mutual_tls(d)
+    health = free_port()
+    with serving(repo, poll_interval=0, health_port=health, **files) as server:
+        yield Secured(server, health, d, ca, client_cert=client)
+
+
+@pytest.fixture(scope="module")
+def mtls_workers(repo, tmp_path_factory) -> Iterator[Secured]:
+    d = tmp_path_factory.mktemp("mtls-workers")
+    files, ca, client = _mutual_tls(d)
+    tls = [a for name, path in files.items() for a in (f"--{name.replace('_', '-')}", str(path))]
+    with _serving_process(
+        repo, d, *("--workers", "2", "--intra-op-threads", "1", "--poll-interval", "0"), *tls
     ) as (server, health):
-        client = client_ca.issue("client").write(d / "client")
-        yield Secured(server, health, d, server_ca.write(d / "ca.crt"), client_cert=client)
+        yield Secured(server, health, d, ca, client_cert=client)
 
 
 def _code(fn: Callable[[], object]) -> grpc.StatusCode:
@@ -233,44 +257,38 @@ def _fresh_connections_ok(s: Secured, ca: Path, n: int) -> bool:
     return True
 
 
-def test_sighup_to_the_parent_reloads_certificates_in_every_worker(mtls_server):
+def test_sighup_to_the_parent_reloads_certificates_in_every_worker(mtls_workers):
+    s = mtls_workers
     new_ca = CA("server-ca-2")
-    new_ca_path = new_ca.write(mtls_server.dir / "ca2.crt")
+    new_ca_path = new_ca.write(s.dir / "ca2.crt")
     leaf = new_ca.issue("server")
     # Rewritten in place with the old mtime: invisible to the change check, only SIGHUP
     # can make the workers read it.
-    _rewrite_keeping_mtime(mtls_server.dir / "server.crt", leaf.cert_pem)
-    _rewrite_keeping_mtime(mtls_server.dir / "server.key", leaf.key_pem)
-    assert _fresh_connections_ok(mtls_server, mtls_server.ca, 4)
-    mtls_server.server.proc.send_signal(signal.SIGHUP)
+    _rewrite_keeping_mtime(s.dir / "server.crt", leaf.cert_pem)
+    _rewrite_keeping_mtime(s.dir / "server.key", leaf.key_pem)
+    assert _fresh_connections_ok(s, s.ca, 4)
+    s.server.proc.send_signal(signal.SIGHUP)
     # 8 new connections in a row spread over both workers (SO_REUSEPORT): all must see it.
-    deadline = time.monotonic() + 15
-    while not _fresh_connections_ok(mtls_server, new_ca_path, 8):
-        assert time.monotonic() < deadline, mtls_server.server.log()
-        time.sleep(0.2)
-    mtls_server.ca = new_ca_path
-    assert mtls_server.server.proc.poll() is None
+    every_worker = lambda: _fresh_connections_ok(s, new_ca_path, 8)  # noqa: E731
+    wait_for("every worker to present the new certificate", every_worker, timeout=15)
+    s.ca = new_ca_path
+    assert s.server.proc.poll() is None, s.server.log()
 
 
 def test_certificate_rotation_keeps_open_streams_and_new_connections_see_it(tls_server):
     s = tls_server
-    requests: list[pb.PredictRequest] = []
+    requests: queue.Queue[pb.PredictRequest | None] = queue.Queue()
     answers = []
 
     def feed() -> Iterator[pb.PredictRequest]:
-        while True:
-            while not requests:
-                time.sleep(0.01)
-            r = requests.pop()
-            if r is None:
-                return
+        while (r := requests.get(timeout=30)) is not None:
             yield r
 
     with s.channel() as old:
         stream = pb_grpc.ClassifierStub(old).PredictStream(
             feed(), metadata=_bearer("tok-infer"), timeout=30
         )
-        requests.append(_predict_request())
+        requests.put(_predict_request())
         answers.append(next(stream))
         new_ca = CA("server-ca-2")
         new_ca_path = new_ca.write(s.dir / "ca2.crt")
@@ -279,9 +297,9 @@ def test_certificate_rotation_keeps_open_streams_and_new_connections_see_it(tls_
             assert _code(_calls(ch, "tok-all")["GetModelInfo"]) == grpc.StatusCode.OK
         with s.channel(s.ca) as ch:  # the old CA no longer vouches for the server
             assert _code(_calls(ch, "tok-all")["GetModelInfo"]) == grpc.StatusCode.UNAVAILABLE
-        requests.append(_predict_request())
+        requests.put(_predict_request())
         answers.append(next(stream))  # the stream opened before the rotation still answers
-        requests.append(None)
+        requests.put(None)
         assert list(stream) == []
     s.ca = new_ca_path
     assert [a.predictions[0].classes[0].label for a in answers] == ["mid", "mid"]
@@ -348,8 +366,8 @@ def test_a_method_outside_every_group_is_refused(tls_server):
 
 def test_refusals_are_counted_by_group_and_code(tls_server):
     def counted(code: str) -> float:
-        text = tls_server.server.metrics()
-        return metric_value(text, "convserve_auth_failures_total", group="inference", code=code)
+        failures = "convserve_auth_failures_total"
+        return tls_server.server.value(failures, group="inference", code=code)
 
     before = counted("PERMISSION_DENIED"), counted("UNAUTHENTICATED")
     with tls_server.channel() as ch:
@@ -360,22 +378,22 @@ def test_refusals_are_counted_by_group_and_code(tls_server):
     assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
 
 
+@pytest.mark.slow  # about 2 s: the file is looked at once a second, twice
 def test_token_file_edits_apply_without_a_restart(tls_server):
     tokens = tls_server.tokens
+
+    def predicts(*names: str) -> tuple[grpc.StatusCode, ...]:
+        with tls_server.channel() as ch:
+            return tuple(_code(_calls(ch, name)["Predict"]) for name in names)
+
     tokens.write_text("tok-all\ntok-new inference\ntok-meta metadata\n")  # tok-infer removed
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with tls_server.channel() as ch:
-                new = _code(_calls(ch, "tok-new")["Predict"])
-                gone = _code(_calls(ch, "tok-infer")["Predict"])
-            if (new, gone) == (grpc.StatusCode.OK, UNAUTHENTICATED):
-                break
-            assert time.monotonic() < deadline, (new, gone)
-            time.sleep(0.2)
+        applied = lambda: predicts("tok-new", "tok-infer") == (OK, UNAUTHENTICATED)  # noqa: E731
+        wait_for("tok-new in and tok-infer out (the file is looked at once a second)", applied, 10)
     finally:
         tokens.write_text(TOKENS)
-        time.sleep(1.1)  # the file is looked at once a second; later tests need tok-infer
+        # Later tests need tok-infer back.
+        wait_for("the token file to be restored", lambda: predicts("tok-infer") == (OK,), 10)
 
 
 # ----------------------------------------------------------------------------- clients
@@ -439,12 +457,14 @@ def _connects(host: str, port: int) -> bool:
     return True
 
 
-def test_metrics_bound_to_loopback_is_not_reachable_on_another_address(tls_server):
+def test_metrics_bound_to_loopback_is_not_reachable_on_another_address(repo, tmp_path):
     # 127.0.0.2 is this host too: the 0.0.0.0 listeners answer there, the 127.0.0.1 one not.
-    s = tls_server.server
-    assert "convserve_requests_total" in s.metrics()
-    assert _connects("127.0.0.2", tls_server.health_port)
-    assert not _connects("127.0.0.2", s.metrics_port)
+    # (start_server binds /metrics to 127.0.0.1; gRPC and the health port to 0.0.0.0 here.)
+    args = ("--host", "0.0.0.0", "--poll-interval", "0")
+    with _serving_process(repo, tmp_path, *args) as (s, health):
+        assert "convserve_requests_total" in s.metrics()
+        assert _connects("127.0.0.2", health)
+        assert not _connects("127.0.0.2", s.metrics_port)
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -487,6 +507,7 @@ def refused_starts(repo, tmp_path_factory) -> dict[str, subprocess.CompletedProc
     return out
 
 
+@pytest.mark.slow  # about 3 s: four cnn-serve processes started at once
 @pytest.mark.parametrize(
     "case, says",
     [

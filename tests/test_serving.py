@@ -1,4 +1,9 @@
-"""The gRPC server, end to end: real `cnn-serve` processes on loopback, real ONNX Runtime."""
+"""The gRPC server, end to end on loopback with real clients and real ONNX Runtime.
+
+Behaviour is tested against servers built in this process (tests/inprocess.py: port 0, a
+registry of their own); `cnn-serve` processes only for what a process shows: SIGTERM and
+drain, start-up failures, `--workers N`, the event loop and what is imported.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -20,11 +24,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from serving.client import Client, PredictionError
+from serving.probe import check
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from tests.serving_helpers import ROOT, TRITON_SCRIPT, metric_value, running_server, start_server
+from tests.inprocess import serving
+from tests.serving_helpers import (
+    ROOT,
+    TRITON_SCRIPT,
+    metric_value,
+    running_server,
+    start_server,
+    wait_for,
+)
 from trainer.data import load_dataset
 
 MODEL = "fashion-mnist"
@@ -48,19 +61,13 @@ def ort_probs(version_dir, fashion_test):
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    with running_server(
+def server(model_repository):
+    with serving(
         model_repository,
-        tmp,
-        "--max-queue-delay-us",
-        "2000",
-        "--max-batch-size",
-        "32",
-        "--max-message-bytes",
-        "2000000",
-        "--max-images-per-request",
-        "300",
+        max_queue_delay_us=2000,
+        max_batch_size=32,
+        max_message_bytes=2_000_000,
+        max_images_per_request=300,
     ) as s:
         yield s
 
@@ -69,6 +76,14 @@ def png(image_chw: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image_chw[0]).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def probabilities(prediction: pb.Prediction) -> np.ndarray:
+    """The ten class probabilities of one prediction (asked for with top_k=10)."""
+    got = np.zeros(10)
+    for c in prediction.classes:
+        got[c.index] = c.probability
+    return got
 
 
 def tensor(image_chw: np.ndarray, dtype=pb.UINT8, **kw) -> pb.Image:
@@ -83,7 +98,7 @@ def tensor(image_chw: np.ndarray, dtype=pb.UINT8, **kw) -> pb.Image:
 
 # ----------------------------------------------------------------------------- Predict
 def test_predict_with_png_bytes_matches_onnx_runtime_and_the_model_accuracy(
-    server, fashion_test, ort_probs
+    server, fashion_test, ort_probs, version_dir
 ):
     n = 500
     with Client(server.target) as client:
@@ -93,17 +108,12 @@ def test_predict_with_png_bytes_matches_onnx_runtime_and_the_model_accuracy(
     got = np.array([p.index for p in preds])
     assert np.array_equal(got, ort_probs[:n].argmax(1))  # the same answers as ORT in-process
     accuracy = float((got == fashion_test.labels[:n]).mean())
-    manifest = json.loads((server_repo(server) / MODEL / "1" / "manifest.json").read_text())
+    manifest = json.loads((version_dir / "manifest.json").read_text())
     assert accuracy == pytest.approx(manifest["test_accuracy"], abs=0.05)
     top = preds[0].classes
     assert len(top) == 3 and top[0].probability >= top[1].probability >= top[2].probability
     assert abs(top[0].probability - float(ort_probs[0].max())) < 1e-5
     assert preds[0].model == MODEL and preds[0].version == 1
-
-
-def server_repo(server) -> Path:
-    cmd = server.proc.args
-    return Path(cmd[cmd.index("--model-repository") + 1])
 
 
 def test_raw_uint8_and_float32_tensors_give_the_same_answer(server, fashion_test, ort_probs):
@@ -116,10 +126,7 @@ def test_raw_uint8_and_float32_tensors_give_the_same_answer(server, fashion_test
     hw = stub.Predict(pb.PredictRequest(images=[tensor(i, shape=[28, 28]) for i in x], top_k=10))
     for resp in (as_u8, as_f32, hw):
         for row, p in zip(ort_probs[:4], resp.predictions, strict=True):
-            got = np.zeros(10)
-            for c in p.classes:
-                got[c.index] = c.probability
-            np.testing.assert_allclose(got, row, atol=1e-6)
+            np.testing.assert_allclose(probabilities(p), row, atol=1e-6)
 
 
 def test_a_request_mixing_tensors_and_files_gets_each_images_own_answer(
@@ -140,10 +147,7 @@ def test_a_request_mixing_tensors_and_files_gets_each_images_own_answer(
     for images in (mixed, uniform):
         resp = stub.Predict(pb.PredictRequest(images=images, top_k=10), timeout=30)
         for row, p in zip(ort_probs[:5], resp.predictions, strict=True):
-            got = np.zeros(10)
-            for c in p.classes:
-                got[c.index] = c.probability
-            np.testing.assert_allclose(got, row, atol=1e-6)
+            np.testing.assert_allclose(probabilities(p), row, atol=1e-6)
     short = [tensor(i) for i in x]
     short[3] = tensor(x[3], data=x[3].tobytes()[:-1])
     with pytest.raises(grpc.RpcError) as err:
@@ -164,7 +168,8 @@ def test_predict_stream_answers_each_request_in_order(server, fashion_test, ort_
 
 
 def test_get_model_info_reports_labels_input_provider_and_manifest(server):
-    info = Client(server.target).model_info()
+    with Client(server.target) as client:
+        info = client.model_info()
     assert info["name"] == MODEL and info["versions"] == [1]
     assert len(info["labels"]) == 10 and info["labels"][0] == "T-shirt/top"
     assert info["input"] == {"channels": 1, "height": 28, "width": 28}
@@ -173,7 +178,9 @@ def test_get_model_info_reports_labels_input_provider_and_manifest(server):
 
 
 def test_concurrent_clients_are_batched_and_each_gets_its_own_rows(server, fashion_test, ort_probs):
-    before = server.metrics()
+    counted = {"model": MODEL, "version": "1"}
+    batches = -server.value("convserve_batch_size_count", **counted)
+    rows = -server.value("convserve_batch_size_sum", **counted)
 
     async def run() -> list[pb.PredictResponse]:
         async with grpc.aio.insecure_channel(server.target) as ch:
@@ -195,15 +202,9 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_rows(server, fashi
         assert resp.request_id == str(j)
         assert len(resp.predictions) == 1 + j % 3
         for k, p in enumerate(resp.predictions):
-            got = {c.index: c.probability for c in p.classes}
-            np.testing.assert_allclose([got[c] for c in range(10)], ort_probs[j + k], atol=1e-6)
-    after = server.metrics()
-    batches = metric_value(after, "convserve_batch_size_count") - metric_value(
-        before, "convserve_batch_size_count"
-    )
-    rows = metric_value(after, "convserve_batch_size_sum") - metric_value(
-        before, "convserve_batch_size_sum"
-    )
+            np.testing.assert_allclose(probabilities(p), ort_probs[j + k], atol=1e-6)
+    batches += server.value("convserve_batch_size_count", **counted)
+    rows += server.value("convserve_batch_size_sum", **counted)
     assert rows == sum(1 + j % 3 for j in range(64))
     assert rows / batches > 1.5, f"{rows} rows in {batches} batches: not batched"
 
@@ -230,7 +231,8 @@ def test_v2_model_infer_raw_and_typed_contents_match_onnx_runtime(server, fashio
     n = int.from_bytes(first[:4], "little")
     value, index, label = first[4 : 4 + n].decode().split(":", 2)
     assert int(index) == ort_probs[0].argmax() and abs(float(value) - ort_probs[0].max()) < 1e-5
-    assert label == Client(server.target).model_info()["labels"][int(index)]
+    with Client(server.target) as client:
+        assert label == client.model_info()["labels"][int(index)]
     assert resp.outputs[0].datatype == "BYTES" and list(resp.outputs[0].shape) == [5, 2]
 
 
@@ -246,6 +248,7 @@ def test_v2_metadata_and_readiness(server):
     assert stub.ServerMetadata(v2.ServerMetadataRequest()).name == "convserve"
 
 
+@pytest.mark.slow  # its own venv (make test builds it)
 def test_tritonclient_gets_the_same_probabilities_as_onnx_runtime(
     server, fashion_test, ort_probs, tmp_path, tritonclient_python
 ):
@@ -334,12 +337,19 @@ def test_unknown_model_or_version_is_not_found(server, fashion_test):
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_message_over_the_limit_is_resource_exhausted(server, fashion_test):
+def test_message_over_the_limit_is_resource_exhausted(server, fashion_test, ort_probs):
     stub = pb_grpc.ClassifierStub(server.channel())
     with pytest.raises(grpc.RpcError) as err:
         stub.Predict(pb.PredictRequest(images=[pb.Image(encoded=b"\0" * 2_100_000)]))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert stub.Predict(pb.PredictRequest(images=[tensor(fashion_test.images[0])])).predictions
+    assert_answers_first_image(stub, fashion_test, ort_probs)  # and the server serves on
+
+
+def assert_answers_first_image(stub: pb_grpc.ClassifierStub, fashion_test, ort_probs) -> None:
+    """A one-image Predict gets ONNX Runtime's probabilities for that image."""
+    request = pb.PredictRequest(images=[tensor(fashion_test.images[0])], top_k=10)
+    (prediction,) = stub.Predict(request, timeout=30).predictions
+    np.testing.assert_allclose(probabilities(prediction), ort_probs[0], atol=1e-6)
 
 
 def test_v2_bad_tensors_get_invalid_argument(server, fashion_test):
@@ -382,33 +392,16 @@ def test_health_is_serving_and_reflection_lists_every_service(server):
 def test_health_is_not_serving_until_a_model_loads(tmp_path, model_repository):
     repo = tmp_path / "repo"
     repo.mkdir()
-    server = start_server(repo, tmp_path, "--poll-interval", "0.2", wait=False)
-    try:
-        deadline = time.monotonic() + 30
-        from serving.probe import check
-
-        while check(server.target) == "UNREACHABLE" and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with serving(repo, poll_interval=0.2) as server:  # a clean stop on exit, or it raises
         assert check(server.target) == "NOT_SERVING"
         shutil.copytree(model_repository / MODEL, repo / MODEL)
-        from tests.serving_helpers import wait_serving
-
-        wait_serving(server, 30)
-    finally:
-        assert server.stop() == 0
+        wait_for("SERVING once the model loaded", lambda: check(server.target) == "SERVING", 30)
 
 
 # ----------------------------------------------------------------------------- load shedding
-def test_full_queue_sheds_with_resource_exhausted(model_repository, tmp_path, fashion_test):
-    with running_server(
-        model_repository,
-        tmp_path,
-        "--max-batch-size",
-        "1",
-        "--max-queue-size",
-        "300",
-        "--max-images-per-request",
-        "300",
+def test_full_queue_sheds_with_resource_exhausted(model_repository, fashion_test, ort_probs):
+    with serving(
+        model_repository, max_batch_size=1, max_queue_size=300, max_images_per_request=300
     ) as s:
         stub = pb_grpc.ClassifierStub(s.channel())
         big = pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:280]])
@@ -422,15 +415,14 @@ def test_full_queue_sheds_with_resource_exhausted(model_repository, tmp_path, fa
                 codes.append(exc.code().name)
         assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
-        shed = metric_value(s.metrics(), "convserve_rejected_requests_total", reason="queue_full")
+        shed = s.value("convserve_rejected_requests_total", reason="queue_full")
         assert shed == codes.count("RESOURCE_EXHAUSTED")
-        assert stub.Predict(pb.PredictRequest(images=[tensor(fashion_test.images[0])]))
+        assert_answers_first_image(stub, fashion_test, ort_probs)  # served again once drained
 
 
-def test_expired_deadlines_never_run(model_repository, tmp_path, fashion_test):
-    with running_server(
-        model_repository, tmp_path, "--max-batch-size", "1", "--max-images-per-request", "300"
-    ) as s:
+def test_expired_deadlines_never_run(model_repository, fashion_test):
+    counted = {"model": MODEL, "version": "1"}
+    with serving(model_repository, max_batch_size=1, max_images_per_request=300) as s:
         stub = pb_grpc.ClassifierStub(s.channel())
         big = [
             stub.Predict.future(
@@ -438,7 +430,8 @@ def test_expired_deadlines_never_run(model_repository, tmp_path, fashion_test):
             )
             for _ in range(2)
         ]
-        time.sleep(0.02)
+        queued = lambda: s.value("convserve_queue_depth", **counted) > 0  # noqa: E731
+        wait_for("the big requests to queue", queued, every=0.001)
         expired = 0
         for _ in range(10):  # each waits behind up to 600 single-row runs: its deadline passes
             try:
@@ -449,8 +442,9 @@ def test_expired_deadlines_never_run(model_repository, tmp_path, fashion_test):
                 assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 expired += 1
         assert all(len(b.result().predictions) == 300 for b in big)
-        time.sleep(0.3)
-        items = metric_value(s.metrics(), "convserve_inference_items_total")
+        idle = lambda: not s.value("convserve_inflight_requests") and not queued()  # noqa: E731
+        wait_for("every request to be answered or dropped", idle)  # nothing left to compute
+        items = s.value("convserve_inference_items_total", **counted)
         assert expired >= 1, "no request expired: the test proved nothing"
         assert items == 600 + (10 - expired), "an expired request was computed"
 
@@ -467,7 +461,7 @@ def test_hot_swap_under_load_loses_nothing_and_a_broken_version_leaves_the_old(
 ):
     repo = tmp_path / "repo"
     shutil.copytree(model_repository, repo)
-    with running_server(repo, tmp_path, "--poll-interval", "0.1") as s:
+    with serving(repo, poll_interval=0.1) as s:
         stop = threading.Event()
         seen: list[int] = []
         errors: list[str] = []
@@ -483,25 +477,29 @@ def test_hot_swap_under_load_loses_nothing_and_a_broken_version_leaves_the_old(
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
-        _publish(repo / MODEL / "1", repo / MODEL, 2)
-        deadline = time.monotonic() + 30
-        while (not seen or seen[-1] != 2) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        broken = tmp_path / "broken"
-        shutil.copytree(repo / MODEL / "1", broken)
-        (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
-        _publish(broken, repo / MODEL, 3)
-        time.sleep(1.0)
-        stop.set()
-        for t in threads:
-            t.join()
+        failures = {"model": MODEL, "reason": "checksum"}  # the manifest names the real file
+        try:
+            answered = lambda n: lambda: len(seen) + len(errors) >= n  # noqa: E731
+            wait_for("the load to be answered by version 1", answered(20))
+            _publish(repo / MODEL / "1", repo / MODEL, 2)
+            wait_for("answers from version 2", lambda: seen and seen[-1] == 2, timeout=30)
+            broken = tmp_path / "broken"
+            shutil.copytree(repo / MODEL / "1", broken)
+            (broken / "model.onnx").write_bytes(b"\x08\x07garbage")
+            _publish(broken, repo / MODEL, 3)
+            refused = lambda: s.value("convserve_model_load_failures_total", **failures)  # noqa: E731
+            wait_for("version 3 to be refused", refused, timeout=30)
+            wait_for("the load to go on after the refusal", answered(len(seen) + len(errors) + 20))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
         assert not errors, errors[:3]
         assert 1 in seen and seen[-1] == 2
-        assert Client(s.target).model_info()["version"] == 2
-        text = s.metrics()
-        assert metric_value(text, "convserve_model_swaps_total", model=MODEL) == 1
-        assert metric_value(text, "convserve_model_load_failures_total", model=MODEL) == 1
+        with Client(s.target) as client:
+            assert client.model_info()["version"] == 2
+        assert s.value("convserve_model_swaps_total", model=MODEL) == 1
+        assert s.value("convserve_model_load_failures_total", **failures) == 1
         assert "refused fashion-mnist version 3" in s.log()
 
 
@@ -519,7 +517,13 @@ def test_sigterm_under_load_completes_every_admitted_request(
         )
         for _ in range(6)
     ]
-    time.sleep(0.2)
+
+    def admitted() -> bool:  # each call is in its handler or already answered
+        text = s.metrics()
+        handled = metric_value(text, "convserve_requests_total", method="Predict")
+        return metric_value(text, "convserve_inflight_requests") + handled == 6
+
+    wait_for("the six calls to be admitted", admitted, every=0.01)
     assert s.stop() == 0
     for call in calls:
         assert len(call.result().predictions) == 200
@@ -536,29 +540,38 @@ def test_explicit_cuda_without_cuda_fails_at_start_with_the_reason(model_reposit
     assert "--device cuda was requested but CUDAExecutionProvider" in s.log()
 
 
-def test_auto_device_falls_back_to_cpu_loudly_and_reports_it(model_repository, tmp_path):
-    with running_server(model_repository, tmp_path, "--device", "auto") as s:
-        assert Client(s.target).model_info()["execution_provider"] == "CPUExecutionProvider"
+def test_auto_device_falls_back_to_cpu_loudly_and_reports_it(model_repository):
+    with serving(model_repository, device="auto") as s:
+        with Client(s.target) as client:
+            assert client.model_info()["execution_provider"] == "CPUExecutionProvider"
         assert "FALLBACK" in s.log()
-        text = s.metrics()
-        assert metric_value(text, "convserve_execution_provider_fallback", model=MODEL) == 1
-        assert metric_value(text, "convserve_model_info", provider="CPUExecutionProvider") == 1
+        assert s.value("convserve_execution_provider_fallback", model=MODEL) == 1
+        info = s.samples("convserve_model_info")
+        assert sum(v for labels, v in info if labels["provider"] == "CPUExecutionProvider") == 1
 
 
+@pytest.mark.slow  # about 2 s: three processes
 def test_two_workers_share_the_port(model_repository, tmp_path, fashion_test):
     with running_server(model_repository, tmp_path, "--workers", "2") as s:
         for _ in range(8):  # new channels: SO_REUSEPORT spreads connections
             with Client(s.target) as c:
                 assert c.predict([fashion_test.images[0]])[0].version == 1
-        time.sleep(1.5)
-        text = s.metrics()
+
+        def workers(text: str) -> set[str]:
+            return {
+                line.split('pid="')[1].split('"')[0]
+                for line in text.splitlines()
+                if line.startswith("convserve_process_resident_memory_bytes{")
+            }
+
+        def settled() -> str | None:  # the second worker may still be loading its model
+            text = s.metrics()
+            answered = metric_value(text, "convserve_requests_total", code="OK") >= 8
+            return text if answered and len(workers(text)) >= 2 else None
+
+        text = wait_for("both workers and the 8 answers in the parent's /metrics", settled)
         assert metric_value(text, "convserve_requests_total", method="Predict", code="OK") == 8
-        pids = {
-            line.split('pid="')[1].split('"')[0]
-            for line in text.splitlines()
-            if line.startswith("convserve_process_resident_memory_bytes{")
-        }
-        assert len(pids) == 2
+        assert len(workers(text)) == 2
 
 
 @pytest.mark.parametrize(
@@ -570,9 +583,7 @@ def test_each_event_loop_serves_and_drains(
     s = start_server(model_repository, tmp_path, "--event-loop", flag)
     try:
         # Health may say SERVING a moment before the "listening on" line is written.
-        deadline = time.monotonic() + 10
-        while "listening on" not in s.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for("the 'listening on' line", lambda: "listening on" in s.log(), 10, every=0.05)
         assert f"{loop} event loop" in s.log()  # auto: uvloop, a dependency on this platform
         with Client(s.target) as c:
             preds = c.predict(list(fashion_test.images[:8]), top_k=2)
@@ -630,7 +641,7 @@ def test_an_unknown_spinning_mode_is_refused():
 
 
 def test_variant_int8_serves_the_int8_file_with_its_own_answers(
-    model_repository, tmp_path, fashion_test, version_dir
+    model_repository, fashion_test, version_dir
 ):
     x = fashion_test.images[:16]
     int8 = ort.InferenceSession(
@@ -639,12 +650,9 @@ def test_variant_int8_serves_the_int8_file_with_its_own_answers(
     want = int8.run(["probabilities"], {"images": x})[0]
     fp32 = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(want - fp32.run(["probabilities"], {"images": x})[0]).max() > 1e-4  # distinct
-    with running_server(model_repository, tmp_path, "--variant", "int8") as s:
+    with serving(model_repository, variant="int8") as s:
         stub = pb_grpc.ClassifierStub(s.channel())
         resp = stub.Predict(pb.PredictRequest(images=[tensor(i) for i in x], top_k=10))
         for row, p in zip(want, resp.predictions, strict=True):
-            got = np.zeros(10)
-            for c in p.classes:
-                got[c.index] = c.probability
-            np.testing.assert_allclose(got, row, atol=1e-6)
+            np.testing.assert_allclose(probabilities(p), row, atol=1e-6)
         assert "model.int8.onnx" in s.log()
