@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from serving.client import Client, PredictionError
-from tests.serving_helpers import ROOT, metric_value, running_server
+from tests.serving_helpers import ROOT, metric_value, running_server, wait_for
 
 BIN = Path(sys.executable).parent
 DEPLOY = ROOT / "deploy"
@@ -361,15 +360,6 @@ def scraped_names(text: str) -> set[str]:
     return names
 
 
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_every_metric_name_in_rules_dashboard_hpa_and_adapter_is_in_a_real_scrape(
     model_repository, tmp_path
 ):
@@ -387,14 +377,18 @@ def test_every_metric_name_in_rules_dashboard_hpa_and_adapter_is_in_a_real_scrap
                 client.predict([np.zeros((5, 5), np.uint8)])
             assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
             shutil.copytree(model / "1", model / "2")
-            assert wait_for(
-                lambda: client.predict([np.zeros((1, 28, 28), np.uint8)])[0].version == 2
+            wait_for(
+                "version 2 to answer",
+                lambda: client.predict([np.zeros((1, 28, 28), np.uint8)])[0].version == 2,
+                timeout=30,
             )
             shutil.copytree(model / "1", model / "3")
             (model / "3" / "model.onnx").write_bytes(b"not an onnx graph")
-            assert wait_for(
-                lambda: metric_value(server.metrics(), "convserve_model_load_failures_total") >= 1
-            ), server.log()
+            wait_for(
+                "the broken version 3 to be refused",
+                lambda: metric_value(server.metrics(), "convserve_model_load_failures_total") >= 1,
+                timeout=30,
+            )
         exposed = scraped_names(server.metrics())
     missing = {where: sorted(n - exposed) for where, n in used.items() if n - exposed}
     assert not missing, f"metric names used in deploy/ but absent from /metrics: {missing}"

@@ -137,6 +137,7 @@ def two_processes(tmp_path_factory) -> tuple[Path, Path, str]:
 
 
 # ----------------------------------------------------------------------------- equivalence
+@pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one(one_process, two_processes):
     run, _, _ = two_processes
     worst = assert_same_weights(run, one_process)
@@ -144,6 +145,7 @@ def test_two_processes_train_the_same_weights_as_one(one_process, two_processes)
     assert epochs_logged(run) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_only_rank_zero_reports_and_the_group_shuts_down_cleanly(two_processes):
     _, _, console = two_processes
     assert len(re.findall(r"epoch 1/3 train_loss", console)) == 1  # one metrics line, not two
@@ -152,6 +154,7 @@ def test_only_rank_zero_reports_and_the_group_shuts_down_cleanly(two_processes):
         assert bad not in console
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_two_processes_resumes_on_one(one_process, two_processes, tmp_path):
     _, snapshot, _ = two_processes
     epoch = load_checkpoint(snapshot)["epoch"]
@@ -164,6 +167,7 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(one_process, two_process
     assert epochs_logged(run) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
     one_process, two_processes, tmp_path
 ):
@@ -196,6 +200,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
 
 
 # ----------------------------------------------------------------------------- batch norm
+@pytest.mark.slow
 def test_batch_norm_on_two_processes_reaches_one_process_accuracy(tmp_path):
     """On CPU there is no SyncBatchNorm: each rank normalises with its own 32 rows of the
     64-row batch, and the running statistics are averaged over ranks after each epoch. That

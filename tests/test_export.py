@@ -327,6 +327,7 @@ def _hidden(model_dir: Path) -> set[str]:
     return {p.name for p in model_dir.glob(".tmp-*")} if model_dir.is_dir() else set()
 
 
+@pytest.mark.slow
 def test_a_killed_export_never_shows_a_half_written_version(fashion_run, tmp_path):
     model_dir = tmp_path / "killed"
     seen: set[str] = set()
@@ -415,6 +416,7 @@ def test_cli_unwritable_repository_exits_2(fashion_run, tmp_path, capsys):
     assert "cannot write to model repository" in _one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_cnn_train_exports_its_best_checkpoint_at_the_end(tmp_path, capsys):
     fast = ["data.shapes_train=2000", "data.shapes_test=300", "data.val_size=200"]
     fast += ["train.batch_size=50", "train.epochs=1", "export.optimize=false"]

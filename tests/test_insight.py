@@ -25,7 +25,8 @@ from torch import nn
 
 from serving.client import Client, PredictionError, predict_main
 from serving.occlusion import Grid, grid, occlusion, peak
-from tests.serving_helpers import ROOT, metric_value, running_server
+from tests.inprocess import serving
+from tests.serving_helpers import ROOT
 from trainer.data import load_dataset, make_shapes
 from trainer.models import Classifier, plan, resolve_layers
 from trainer.recipe import Recipe, load_recipe
@@ -166,6 +167,7 @@ def test_the_peak_is_where_overlapping_positions_agree_not_a_lone_spike():
     assert peak(h, wide) == (7 + 3.5, 14 + 3.5)
 
 
+@pytest.mark.slow
 def test_occlusion_peak_lies_inside_the_object_box(shapes_run, record_property):
     from trainer.export import load_model, resolve_checkpoint
     from trainer.report.run import torch_predict
@@ -207,27 +209,24 @@ def test_explain_over_grpc_equals_the_shared_function_and_counts_1_plus_p_items(
 
     image = fashion_test.images[0]
     stage = manifest["insight"]["stages"][-1]
+    items = {"model": "fashion-mnist", "version": "1"}
     with (
-        running_server(
-            model_repository, tmp_path, "--max-batch-size", "16", "--max-explain-positions", "200"
-        ) as server,
+        serving(model_repository, max_batch_size=16, max_explain_positions=200) as server,
         Client(server.target) as client,
     ):
-        before = metric_value(server.metrics(), "convserve_inference_items_total")
         ex = client.explain(image, patch_size=6, stride=2, activation_stage=stage["name"])
-        after = metric_value(server.metrics(), "convserve_inference_items_total")
+        computed = server.value("convserve_inference_items_total", **items)
         want = occlusion(image, predict, manifest["mean"], patch=6, stride=2)
         np.testing.assert_allclose(ex.heatmap, want.heatmap, atol=1e-5)
         assert ex.heatmap.shape == (12, 12) and ex.forward_passes == 1 + 144
         assert ex.target_class == want.target == ex.classes[0].index
-        assert after - before == 1 + 144  # through the batcher, in batches of 16
+        assert computed == 1 + 144  # through the batcher, in batches of 16
         assert ex.activations is not None and list(ex.activations.shape) == stage["shape"]
         # A fixed target class and the defaults (quarter-image patch, stride = patch).
         other = client.explain(image, target_class=3, render_png=True)
         assert other.target_class == 3 and other.heatmap.shape == (4, 4)
         assert Image.open(io.BytesIO(other.overlay_png)).size == (28 * 8, 28 * 8)
-        text = server.metrics()
-        assert metric_value(text, "convserve_requests_total", method="Explain", code="OK") == 2
+        assert server.value("convserve_requests_total", method="Explain", code="OK") == 2
 
 
 @pytest.mark.parametrize(
@@ -255,9 +254,8 @@ def test_bad_explain_gets_invalid_argument_and_the_server_keeps_serving(
 
 
 @pytest.fixture(scope="module")
-def explain_server(model_repository, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("explain_server")
-    with running_server(model_repository, tmp, "--max-explain-positions", "200") as s:
+def explain_server(model_repository):
+    with serving(model_repository, max_explain_positions=200) as s:
         yield s
 
 
@@ -301,6 +299,7 @@ def test_audit_of_an_exported_model_runs_without_torch(version_dir, fashion_test
     assert "60 labelled images" in html
 
 
+@pytest.mark.slow
 def test_report_opens_in_headless_chromium_with_every_image_loaded(shapes_run):
     from playwright.sync_api import sync_playwright
 

@@ -54,6 +54,7 @@ def test_open_loop_offers_the_rate_and_counts_every_request_due(server):
     assert ok_count(server, "Predict") - before == r["requests"]
 
 
+@pytest.mark.slow
 def test_stream_mode_with_two_processes_merges_their_samples(server):
     before = ok_count(server, "PredictStream")
     cfg = LoadConfig(

@@ -102,6 +102,7 @@ def predict_ok(s: ServerProcess, level: int) -> bool:
     return resp.predictions[0].classes[0].index == level
 
 
+@pytest.mark.slow
 def test_overload_sheds_only_with_resource_exhausted_or_deadline_and_recovers(
     slow_repository, tmp_path
 ):
@@ -177,6 +178,7 @@ def test_overload_sheds_only_with_resource_exhausted_or_deadline_and_recovers(
         )
 
 
+@pytest.mark.slow
 def test_requests_that_expire_in_the_queue_are_dropped_not_computed(slow_repository, tmp_path):
     """Full batches hold the only ORT instance; single-image requests queued behind them time
     out long before their turn. None of their rows may reach ONNX Runtime."""

@@ -72,6 +72,7 @@ def build_wheel(dist: Path, tmp: Path) -> Path:
     return wheel
 
 
+@pytest.mark.slow
 def test_wheel_without_extras_serves_from_a_fresh_venv_without_torch(model_repository, tmp_path):
     wheel = build_wheel(tmp_path / "dist", tmp_path)
     venv = tmp_path / "venv"

@@ -64,6 +64,7 @@ def test_round_robin_client_spreads_requests_over_both_replicas(replicas):
     assert min(got) >= 0.3 * 200, got
 
 
+@pytest.mark.slow
 def test_cnn_bench_spreads_a_comma_list_target_over_both_replicas(replicas, tmp_path):
     before = [predicts(s) for s in replicas]
     out = tmp_path / "bench.json"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from bench.process_stats import MIB, Sampler, open_fds
 from serving.client.loadgen import LoadConfig, run_load
 from tests import tiny_models
@@ -29,6 +31,7 @@ RSS_BOUND = 256 * MIB
 FD_SLACK = 1
 
 
+@pytest.mark.slow
 def test_soak_keeps_fds_flat_and_memory_bounded(tmp_path):
     tiny_models.write_version(tmp_path / "models", "tiny", 1, shape=SHAPE)
     args = ("--intra-op-threads", "1", "--poll-interval", "0")

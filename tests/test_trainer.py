@@ -180,6 +180,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     overrides = [
         *FAST,
@@ -214,6 +215,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_from_another_recipe(tmp_path, capsys):
     args = ["--recipe", "shapes", "--quiet", "--no-export", "--out", str(tmp_path / "r"), *FAST]
     assert train_main([*args, "train.epochs=1"]) == 0
@@ -221,6 +223,7 @@ def test_resume_refuses_a_checkpoint_from_another_recipe(tmp_path, capsys):
     assert "optim.lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     args = ["--recipe", "shapes", "--quiet", "--no-export", "--out", str(tmp_path / "r"), *FAST]
     assert train_main([*args, "train.epochs=2"]) == 0
@@ -238,6 +241,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert last.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_not_a_traceback(tmp_path):
     cmd = [sys.executable, "-m", "trainer.cli", "--recipe", "no-such-recipe", "--out", "x"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -263,6 +267,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     path = tmp_path / "ck.pt"
     for attempt in range(5):
@@ -289,6 +294,7 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_stops_clearly(tmp_path):
     """A full disk, simulated with RLIMIT_FSIZE (SIGXFSZ ignored, so writes fail with EFBIG):
     the run stops with a message naming the checkpoint, and the previous one is intact."""
