@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
@@ -79,8 +80,11 @@ class App:
     async def _watch(self) -> None:
         # Health follows the repository (a model may load later); process gauges refresh.
         while True:
-            self.metrics.update_process()
-            await self.front.set_serving(self.plane.ready)
+            try:
+                self.metrics.update_process()
+                await self.front.set_serving(self.plane.ready)
+            except Exception:  # one failed refresh must not end health reporting
+                log.exception("health and process figures not refreshed")
             await asyncio.sleep(1.0)
 
     async def drain(self, timeout: float) -> None:
@@ -92,6 +96,8 @@ class App:
         await self.repository.close(timeout=1.0)
         if self._watch_task is not None:
             self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         self.decode_executor.shutdown(wait=False)
 
 
@@ -105,8 +111,13 @@ async def create_server(
     )
     decode_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="decode")
     plane = DataPlane(repository, settings.limits, decode_executor)
-    access = Access.from_settings(settings)
-    front = await grpc_front.build(settings, plane, metrics, access.certificates, access.tokens)
+    try:
+        access = Access.from_settings(settings)
+        front = await grpc_front.build(settings, plane, metrics, access.certificates, access.tokens)
+    except BaseException:  # unreadable certificates, a port in use: leave no threads behind
+        await repository.close(timeout=0)
+        decode_executor.shutdown(wait=False)
+        raise
     app = App(settings, metrics, repository, plane, front, access, decode_executor)
     return front.server, front.port, app
 
@@ -119,13 +130,17 @@ async def serve(settings: ServerSettings, registry: CollectorRegistry | None = N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, app)
-    if settings.reuse_port:
-        # A worker sharing the port must not take connections before its models are warm.
-        await app.start()
-        await app.front.start()
-    else:
-        await app.front.start()  # health answers NOT_SERVING while models load
-        await app.start()
+    try:
+        if settings.reuse_port:
+            # A worker sharing the port must not take connections before its models are warm.
+            await app.start()
+            await app.front.start()
+        else:
+            await app.front.start()  # health answers NOT_SERVING while models load
+            await app.start()
+    except BaseException:  # e.g. --device cuda where CUDA cannot run: close what is open
+        await app.drain(0)
+        raise
     log.info(
         "listening on %s:%d (pid %d, %s event loop)",
         settings.host,
