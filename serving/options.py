@@ -87,7 +87,7 @@ def validate(settings: Any) -> None:
 
 # ----------------------------------------------------------------------------- parsing
 def _truthy(text: str) -> bool:
-    return text.strip().lower() not in ("0", "false", "no", "off", "")
+    return text.strip().lower() not in ("0", "false", "no", "off")
 
 
 def _leaf_fields(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
