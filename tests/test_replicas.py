@@ -120,6 +120,9 @@ def test_sigterm_to_one_replica_mid_load_returns_no_error_to_the_caller(replicas
     assert predicts(survivor) > 0
 
 
+READY = grpc.ChannelConnectivity.READY
+
+
 def test_max_connection_age_makes_a_dns_target_client_reconnect_without_errors(
     model_repository, tmp_path
 ):
@@ -132,14 +135,14 @@ def test_max_connection_age_makes_a_dns_target_client_reconnect_without_errors(
             deadline = time.monotonic() + 10
             # The server sends GOAWAY after ~1 s (+ jitter); the channel leaves READY.
             while time.monotonic() < deadline:
-                ready = states.index(grpc.ChannelConnectivity.READY) if states[:1] else -1
-                if ready >= 0 and any(
-                    s != grpc.ChannelConnectivity.READY for s in states[ready + 1 :]
-                ):
+                # The callback runs on grpc's thread: READY may not be recorded yet.
+                ready = states.index(READY) if READY in states else -1
+                if ready >= 0 and any(s != READY for s in states[ready + 1 :]):
                     break
                 time.sleep(0.1)
             assert len(client.predict([IMAGE])) == 1
             client.channel.unsubscribe(states.append)
-        after_ready = states[states.index(grpc.ChannelConnectivity.READY) + 1 :]
-        assert any(s != grpc.ChannelConnectivity.READY for s in after_ready), states
+        assert READY in states, states
+        after_ready = states[states.index(READY) + 1 :]
+        assert any(s != READY for s in after_ready), states
         assert metric_value(server.metrics(), "convserve_requests_total", code="OK") >= 2
