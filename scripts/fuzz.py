@@ -97,7 +97,7 @@ def _v2_target() -> Callable[[bytes], None]:
         for _ in range(fdp.ConsumeIntInRange(0, 2)):
             request.raw_input_contents.append(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 256)))
         try:
-            rows = input_rows(infer_request(request).inputs, spec, max_images=8)
+            rows = input_rows(infer_request(request), spec, max_images=8)
         except InvalidInput:
             return
         assert rows.shape[1:] == spec.shape and rows.dtype.name == "uint8", rows.shape

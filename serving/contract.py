@@ -1,19 +1,15 @@
 """The one contract between training and serving: the model version folder.
 
-    <repository>/<name>/config.pbtxt            Triton-compatible config (written by the exporter)
-    <repository>/<name>/<version>/model.onnx    uint8 NCHW `images` -> `logits`, `probabilities`
-    <repository>/<name>/<version>/manifest.json the typed `Manifest` below
-    <repository>/<name>/<version>/model.opt.onnx | model.int8.onnx | model.fp16.onnx (optional)
-    <repository>/<name>/<version>/model.insight.onnx  activation maps of every conv stage
+    <repository>/<name>/config.pbtxt             Triton-compatible config
+    <repository>/<name>/<version>/model.onnx     uint8 NCHW `images` -> `logits`, `probabilities`
+    <repository>/<name>/<version>/manifest.json  the typed `Manifest` below
+    <repository>/<name>/<version>/model.{opt,int8,fp16,insight}.onnx  optional variants
 
-A version is an all-digit folder name; the exporter builds it in a hidden folder and renames
-it, so a reader never sees half a version. The graph carries its own preprocessing and
-softmax, and the manifest keys in METADATA_KEYS are also stamped into every ONNX file as
-`metadata_props` (`convserve.<key>`), so a bare file is self-describing and a file dropped
-beside the wrong manifest is caught.
-
-The exporter (trainer.export) writes exactly this and the server (serving.repository) reads
-exactly this: both import it from here. Nothing here imports more than the standard library.
+A version is an all-digit folder, published by renaming a hidden one (never seen half
+written). The graph carries its own preprocessing and softmax; the manifest keys in
+METADATA_KEYS are stamped into every ONNX file as `convserve.<key>` metadata_props, so a
+bare file describes itself and a file beside the wrong manifest is caught. The exporter
+writes exactly this and the server reads exactly this; it needs only the standard library.
 """
 
 from __future__ import annotations
@@ -49,6 +45,10 @@ METADATA_PREFIX = "convserve."
 METADATA_KEYS = ("name", "labels", "input", "mean", "std", "dataset", "test_accuracy")
 METADATA_KEYS += ("convserve_version", "source_commit")
 METADATA_CHECKED = ("name", "labels", "input", "mean")
+# Manifest fields serving cannot do without, and those it checks whenever they are there
+# (checksums, Explain's stages); the rest describe the version.
+REQUIRED = ("labels", "input", "mean")
+SERVED = (*REQUIRED, "files", "insight")
 
 
 # ----------------------------------------------------------------------------- layout
@@ -112,10 +112,10 @@ class InputSpec:
             raise ManifestError(key, f"must be an object, got {_show(d)}")
         if d.get("dtype", "uint8") != "uint8" or d.get("layout", "NCHW") != "NCHW":
             raise ManifestError(key, f"must be uint8 NCHW, manifest says {dict(d)}")
-        dims = [_int(d.get(k), f"{key}.{k}") for k in ("channels", "height", "width")]
+        dims = [_dim(d.get(k), f"{key}.{k}") for k in ("channels", "height", "width")]
         if dims[0] not in (1, 3) or min(dims[1:]) < 1:
             raise ManifestError(key, f"must have 1 or 3 channels and a positive size, got {dims}")
-        return cls(*dims, name=_str(d.get("name", INPUT_NAME), f"{key}.name"))
+        return cls(*dims)  # the input is always INPUT_NAME: a `name` here is not read
 
 
 @dataclass(frozen=True)
@@ -137,14 +137,10 @@ class Stage:
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """manifest.json, its fields in the file's order: what a version is, how it was made and
-    how faithful it is.
-
-    The server needs `labels`, `input` and `mean` (Explain fills occluded patches with it);
-    everything else describes the version and may be absent from a manifest not written by
-    our exporter. The reports (`parity`, `variants`, `rejected_variants`) and `training` (the
-    recipe) are JSON objects whose inside is the exporter's to describe (trainer/export).
-    """
+    """manifest.json, its fields in the file's order. Serving needs `labels`, `input` and
+    `mean` (Explain fills occluded patches with it); the rest describes the version and may
+    be absent from a manifest our exporter did not write. The reports (`parity`, `variants`,
+    `rejected_variants`) and `training` (the recipe) are the exporter's to describe."""
 
     format: str = MANIFEST_FORMAT
     name: str = ""
@@ -166,7 +162,7 @@ class Manifest:
     created_at: str = ""  # UTC ISO-8601
     source_commit: str = ""
     convserve_version: str = ""
-    files: dict[str, str] = field(default_factory=dict)  # filename -> SHA-256
+    files: dict[str, str | None] = field(default_factory=dict)  # filename -> SHA-256
 
     @property
     def num_classes(self) -> int:
@@ -179,8 +175,8 @@ class Manifest:
             value = getattr(self, f.name)
             if f.name == "input":
                 value = value.to_dict()
-            elif f.name == "insight":
-                value = None if value is None else _insight_dict(value)
+            elif f.name == "insight" and value is not None:
+                value = {"file": INSIGHT_FILE, "stages": [s.to_dict() for s in value]}
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -190,55 +186,65 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, d: Any) -> Manifest:
-        """Validate a parsed manifest.json; ManifestError names the first bad field."""
+    def from_dict(cls, d: Any, *, ignored: list[str] | None = None) -> Manifest:
+        """Validate a parsed manifest.json; ManifestError names the first bad field.
+
+        With `ignored` (a list), a descriptive field that breaks the contract is left at its
+        default and its error appended there instead (a server serves what it needs and
+        reports the rest); what serving relies on (SERVED) is always checked."""
         if not isinstance(d, Mapping):
             raise ManifestError("(root)", f"must be a JSON object, got {_show(d)}")
-        for key in ("labels", "input", "mean"):
+        for key in REQUIRED:
             if key not in d:
                 raise ManifestError(key, "is missing")
         spec = InputSpec.from_dict(d["input"])
         labels = d["labels"]
         if not isinstance(labels, list) or not labels:
             raise ManifestError("labels", f"must be a non-empty list, got {_show(labels)}")
+
+        def get(key: str, check: Any, default: Any) -> Any:
+            if d.get(key) is None:
+                return default
+            try:
+                return check(d[key], key)
+            except ManifestError as exc:
+                if ignored is None or key in SERVED:
+                    raise
+                ignored.append(str(exc))
+                return default
+
         return cls(
             labels=tuple(str(x) for x in labels),
             input=spec,
-            mean=_unit_floats(d["mean"], "mean", spec.channels),
-            name=_str(d.get("name", ""), "name"),
-            version=_int(d.get("version", 0), "version"),
-            format=_str(d.get("format", MANIFEST_FORMAT), "format"),
-            outputs=tuple(_str_list(d.get("outputs", list(OUTPUT_NAMES)), "outputs")),
-            std=_optional(d.get("std"), lambda v: _positive_floats(v, "std", spec.channels)),
-            dataset=_str(d.get("dataset", ""), "dataset"),
-            test_accuracy=_optional(d.get("test_accuracy"), lambda v: _fraction(v)),
-            opset=_optional(d.get("opset"), lambda v: _int(v, "opset")),
-            exporter=_str(d.get("exporter", ""), "exporter"),
-            parity=_optional(d.get("parity"), lambda v: _object(v, "parity")),
-            variants=_object(d.get("variants", {}), "variants"),
-            rejected_variants=_object(d.get("rejected_variants", {}), "rejected_variants"),
-            insight=_optional(d.get("insight"), _stages),
-            training=_object(d.get("training", {}), "training"),
-            created_at=_str(d.get("created_at", ""), "created_at"),
-            source_commit=_str(d.get("source_commit", ""), "source_commit"),
-            convserve_version=_str(d.get("convserve_version", ""), "convserve_version"),
-            files=_files(d.get("files", {})),
+            mean=_floats(d["mean"], "mean", spec.channels),
+            name=get("name", _str, ""),
+            version=get("version", _int, 0),
+            format=get("format", _str, MANIFEST_FORMAT),
+            outputs=get("outputs", _strs, OUTPUT_NAMES),
+            std=get("std", lambda v, k: _floats(v, k, spec.channels, positive=True), None),
+            dataset=get("dataset", _str, ""),
+            test_accuracy=get("test_accuracy", _fraction, None),
+            opset=get("opset", _int, None),
+            exporter=get("exporter", _str, ""),
+            parity=get("parity", _object, None),
+            variants=get("variants", _object, {}),
+            rejected_variants=get("rejected_variants", _object, {}),
+            insight=get("insight", _stages, None),
+            training=get("training", _object, {}),
+            created_at=get("created_at", _str, ""),
+            source_commit=get("source_commit", _str, ""),
+            convserve_version=get("convserve_version", _str, ""),
+            files=get("files", _files, {}),
         )
 
-    @classmethod
-    def read(cls, version_dir: Path) -> Manifest:
-        """`version_dir`/manifest.json, validated. FileNotFoundError when there is none;
-        ManifestError (naming the field, or saying it is not JSON) when it is unusable."""
-        text = (version_dir / MANIFEST_FILE).read_text()
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise ManifestError("(root)", f"not valid JSON ({exc})") from None
-        return cls.from_dict(doc)
 
-
-def _insight_dict(stages: tuple[Stage, ...]) -> dict[str, Any]:
-    return {"file": INSIGHT_FILE, "stages": [s.to_dict() for s in stages]}
+def read_document(version_dir: Path) -> dict[str, Any]:
+    """`version_dir`/manifest.json as written. FileNotFoundError when there is none;
+    ManifestError when it is not JSON."""
+    try:
+        return json.loads((version_dir / MANIFEST_FILE).read_text())
+    except ValueError as exc:
+        raise ManifestError("(root)", f"not valid JSON ({exc})") from None
 
 
 # ----------------------------------------------------------------------------- metadata_props
@@ -269,9 +275,7 @@ def metadata_disagreement(props: Mapping[str, str], manifest: Manifest) -> str |
         except (ValueError, ManifestError):
             theirs = text
         if theirs != ours:
-            shown = ours.to_dict() if isinstance(ours, InputSpec) else ours
-            if isinstance(shown, tuple):
-                shown = list(shown)
+            shown = manifest.to_dict()[key]
             return (
                 f"graph metadata {METADATA_PREFIX}{key} = {text!r} disagrees with "
                 f"{MANIFEST_FILE} ({shown!r})"
@@ -285,12 +289,10 @@ def _metadata_value(key: str, text: str, manifest: Manifest) -> Any:
         return text
     value = json.loads(text)
     if key == "labels":
-        if not isinstance(value, list):
-            return value
-        return tuple(str(x) for x in value)
+        return tuple(str(x) for x in value) if isinstance(value, list) else value
     if key == "input":
         return InputSpec.from_dict(value)
-    return _unit_floats(value, key, manifest.input.channels)
+    return _floats(value, key, manifest.input.channels)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -306,9 +308,17 @@ def _str(value: Any, key: str) -> str:
 
 
 def _int(value: Any, key: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # 17.0: JSON writers that know only floats
     if isinstance(value, bool) or not isinstance(value, int):
         raise ManifestError(key, f"must be an integer, got {_show(value)}")
     return value
+
+
+def _dim(value: Any, key: str) -> int:  # "28" too, as hand-written manifests have it
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return _int(value, key)
 
 
 def _number(value: Any) -> bool:
@@ -321,38 +331,30 @@ def _float(value: Any, key: str) -> float:
     return float(value)
 
 
-def _fraction(value: Any) -> float:
-    if not 0.0 <= _float(value, "test_accuracy") <= 1.0:
-        raise ManifestError("test_accuracy", f"must be a fraction in 0..1, got {_show(value)}")
+def _fraction(value: Any, key: str) -> float:
+    if not 0.0 <= _float(value, key) <= 1.0:
+        raise ManifestError(key, f"must be a fraction in 0..1, got {_show(value)}")
     return float(value)
 
 
-def _unit_floats(value: Any, key: str, channels: int) -> tuple[float, ...]:
-    what = f"training-{key} value(s) in 0..1"
-    return _floats(value, key, channels, lambda v: 0.0 <= v <= 1.0, what)
-
-
-def _positive_floats(value: Any, key: str, channels: int) -> tuple[float, ...]:
-    return _floats(value, key, channels, lambda v: v > 0, "positive value(s)")
-
-
-def _floats(value: Any, key: str, channels: int, ok: Any, what: str) -> tuple[float, ...]:
-    """One number per channel, each passing `ok`."""
+def _floats(value: Any, key: str, channels: int, positive: bool = False) -> tuple[float, ...]:
+    """One number per channel: in 0..1 (a training mean), or above 0 (a training std)."""
+    ok = (lambda v: v > 0) if positive else (lambda v: 0.0 <= v <= 1.0)
     if not (
         isinstance(value, list)
         and len(value) == channels
         and all(_number(v) and ok(v) for v in value)
     ):
-        raise ManifestError(
-            key, f"must list {channels} {what} (one per channel), got {_show(value)}"
-        )
+        what = "positive value(s)" if positive else f"training-{key} value(s) in 0..1"
+        shown = _show(value)  # a manifest's value, quoted back: clipped
+        raise ManifestError(key, f"must list {channels} {what} (one per channel), got {shown}")
     return tuple(float(v) for v in value)
 
 
-def _str_list(value: Any, key: str) -> list[str]:
+def _strs(value: Any, key: str) -> tuple[str, ...]:
     if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise ManifestError(key, f"must be a list of strings, got {_show(value)}")
-    return value
+    return tuple(value)
 
 
 def _object(value: Any, key: str) -> dict[str, Any]:
@@ -361,19 +363,21 @@ def _object(value: Any, key: str) -> dict[str, Any]:
     return value
 
 
-def _files(value: Any) -> dict[str, str]:
-    files = _object(value, "files")
+def _files(value: Any, key: str) -> dict[str, str | None]:
+    """filename -> SHA-256 hex digest; None or "" for a file not checked. A digest that is
+    not the file's refuses the version at load ("checksum"), whatever its form."""
+    files = _object(value, key)
     for name, digest in files.items():
-        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise ManifestError(f"files.{name}", f"must be a SHA-256 hex digest, got {digest!r}")
+        if digest is not None and not isinstance(digest, str):
+            raise ManifestError(f"{key}.{name}", f"must be a SHA-256 hex digest, got {digest!r}")
     return files
 
 
-def _stages(value: Any) -> tuple[Stage, ...]:
-    stages = _object(value, "insight").get("stages", [])
+def _stages(value: Any, key: str) -> tuple[Stage, ...]:
+    stages = _object(value, key).get("stages", [])
     if not isinstance(stages, list):
-        raise ManifestError("insight.stages", f"must be a list, got {_show(stages)}")
-    return tuple(_stage(s, f"insight.stages[{i}]") for i, s in enumerate(stages))
+        raise ManifestError(f"{key}.stages", f"must be a list, got {_show(stages)}")
+    return tuple(_stage(s, f"{key}.stages[{i}]") for i, s in enumerate(stages))
 
 
 def _stage(value: Any, key: str) -> Stage:
@@ -391,7 +395,3 @@ def _stage(value: Any, key: str) -> Stage:
         jump=_int(s.get("jump", 0), f"{key}.jump"),
         start=_float(s.get("start", 0.0), f"{key}.start"),
     )
-
-
-def _optional(value: Any, parse: Any) -> Any:
-    return None if value is None else parse(value)

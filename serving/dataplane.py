@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -99,6 +100,7 @@ class ModelInfo:
     version: int
     versions: tuple[int, ...]
     manifest: Manifest
+    document: dict[str, Any]  # manifest.json as written
     provider: str
     requested_device: str
     max_batch_size: int
@@ -152,6 +154,7 @@ class DataPlane:
             version=mv.version,
             versions=tuple(self.repository.versions(mv.name)),
             manifest=mv.manifest,
+            document=mv.document,
             provider=mv.session.provider,
             requested_device=mv.session.requested_device,
             max_batch_size=mv.batcher.config.max_batch_size,
@@ -185,7 +188,7 @@ class DataPlane:
     async def infer(self, request: v2.InferRequest, deadline: float | None) -> v2.InferResponse:
         """A V2 inference: one input tensor in, the requested output tensors out."""
         mv = self.model(request.model, request.version)
-        rows = v2.input_rows(request.inputs, mv.spec, self.limits.max_images_per_request)
+        rows = v2.input_rows(request, mv.spec, self.limits.max_images_per_request)
         wanted = v2.requested_outputs(request.outputs)
         out = await mv.batcher.submit(rows, deadline)
         return v2.InferResponse(mv.name, mv.version, request.id, v2.outputs(out, wanted, mv.labels))

@@ -1,5 +1,5 @@
 """Errors raised by the serving core. Each maps to one gRPC status code, in one table
-(`serving.services.STATUS_OF`); the core never sees gRPC types."""
+(`serving.grpc.status.STATUS_OF`); the core never sees gRPC types."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class InferenceFailed(ServingError):
 class ModelLoadError(ServingError):
     """A model version that cannot be served (refused at load; the old version stays).
 
-    `refusal` is a bounded category (serving.repository.REFUSALS) for metrics and alerts;
+    `refusal` is a bounded category (serving.model.REFUSALS) for metrics and alerts;
     the message says exactly what is wrong and where.
     """
 

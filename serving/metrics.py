@@ -176,7 +176,7 @@ class Metrics:
         self.model_load_failures = Counter(
             "convserve_model_load_failures_total",
             "Model versions refused at load (the previous version keeps serving), by reason "
-            "(serving.repository.REFUSALS: manifest, checksum, too_large, corrupt, "
+            "(serving.model.REFUSALS: manifest, checksum, too_large, corrupt, "
             "external_data, custom_op, contract, metadata, ...).",
             ["model", "reason"],
             registry=r,

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from serving.batcher import BatchConfig, Batcher, BatchObserver
 from serving.contract import (
@@ -32,9 +34,12 @@ from serving.contract import (
     ManifestError,
     Stage,
     metadata_disagreement,
+    read_document,
 )
 from serving.errors import DeviceUnavailable, ModelLoadError
 from serving.runtime import RuntimeOptions, Session
+
+log = logging.getLogger("convserve.repository")
 
 # Why a version was refused: the `reason` label of convserve_model_load_failures_total.
 REFUSALS = (
@@ -62,6 +67,7 @@ class ModelVersion:
     version: int
     path: Path
     manifest: Manifest
+    document: dict[str, Any]  # manifest.json as written (GetModelInfo returns it verbatim)
     session: Session
     batcher: Batcher
     executor: concurrent.futures.ThreadPoolExecutor
@@ -98,6 +104,7 @@ class Opened:
     """What the blocking part of a load made: checked and warmed, not yet served."""
 
     manifest: Manifest
+    document: dict[str, Any]  # manifest.json as written
     session: Session
     insight: Session | None
     variant_file: str
@@ -121,7 +128,7 @@ class Loader:
     def open(self, vdir: Path) -> Opened:
         """The blocking part of a load (on the loader thread): read, check, open, warm.
         ModelLoadError says why a version cannot be served."""
-        manifest = read_manifest(vdir)
+        manifest, document = read_manifest(vdir)
         label = f"{vdir.parent.name}:{vdir.name}"
         path = vdir / self.variant_file
         session = self._session(path, manifest, label)
@@ -133,7 +140,7 @@ class Loader:
         insight = None
         if manifest.insight is not None and (vdir / INSIGHT_FILE).is_file():
             insight = self._session(vdir / INSIGHT_FILE, manifest, f"{label}:insight")
-        return Opened(manifest, session, insight, self.variant_file)
+        return Opened(manifest, document, session, insight, self.variant_file)
 
     def serve(
         self,
@@ -155,6 +162,7 @@ class Loader:
             version,
             vdir,
             opened.manifest,
+            opened.document,
             opened.session,
             batcher,
             executor,
@@ -198,17 +206,24 @@ async def load(
     return loader.serve(name, version, vdir, opened, observer)
 
 
-def read_manifest(vdir: Path) -> Manifest:
-    """The version's manifest, or ModelLoadError("manifest") naming the file and field."""
+def read_manifest(vdir: Path) -> tuple[Manifest, dict[str, Any]]:
+    """The version's manifest, typed, and as written; ModelLoadError("manifest") naming the
+    file and the field when serving cannot use it. Descriptive fields that break the
+    contract are logged and left out: the old server served such versions, and so do we."""
     path = vdir / MANIFEST_FILE
+    ignored: list[str] = []
     try:
-        return Manifest.read(vdir)
+        document = read_document(vdir)
+        manifest = Manifest.from_dict(document, ignored=ignored)
     except FileNotFoundError:
         raise ModelLoadError(f"{vdir}: no {MANIFEST_FILE}", "manifest") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: not readable ({exc})", "manifest") from None
     except ManifestError as exc:
         raise ModelLoadError(f"{path}: {exc}", "manifest") from None
+    if ignored:
+        log.warning("%s: served without these fields: %s", path, "; ".join(ignored))
+    return manifest, document
 
 
 def check_contract(session: Session, manifest: Manifest, where: str) -> None:

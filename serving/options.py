@@ -72,12 +72,19 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def validate(settings: Any) -> None:
-    """Bounds and choices of every option field; SettingsError names the flag."""
+    """Bounds and choices of every option field; SettingsError names the flag. A path given
+    as a string in code becomes a Path, as it would from the command line."""
+    hints = _hints(type(settings))
     for f in dataclasses.fields(settings):
         opt = f.metadata.get("option")
         value = getattr(settings, f.name)
         if opt is None or value is None:
             continue
+        if isinstance(value, str) and hints[f.name] in (Path, Path | None):
+            value = _path_or_none(value)
+            object.__setattr__(settings, f.name, value)  # frozen: once, while validating
+            if value is None:
+                continue
         flag = f"--{opt.flag_of(f.name)}" if opt.cli else f.name
         if opt.minimum is not None and value < opt.minimum:
             raise SettingsError(f"{flag} must be >= {opt.minimum:g}")
@@ -105,8 +112,16 @@ def _leaf_fields(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field, An
 def _converter(opt: Option, typ: Any) -> Callable[[str], Any] | None:
     if opt.parse is not None:
         return opt.parse
-    base = typing.get_args(typ)[0] if typing.get_origin(typ) in (typing.Union, _UnionType) else typ
+    optional = typing.get_origin(typ) in (typing.Union, _UnionType)
+    base = typing.get_args(typ)[0] if optional else typ
+    if optional and base is Path:
+        return _path_or_none
     return base if base in (int, float, str, Path) else None
+
+
+def _path_or_none(text: str) -> Path | None:
+    """An empty path is no path (a blank variable in a compose file means "off")."""
+    return Path(text) if text else None
 
 
 _UnionType = type(int | None)

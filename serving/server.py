@@ -195,3 +195,9 @@ def run(settings: ServerSettings, registry: CollectorRegistry | None = None) -> 
     except (DeviceUnavailable, OSError, TLSError, TokenFileError) as exc:
         log.error("cannot start: %s", exc)
         return 3
+
+
+if __name__ == "__main__":  # the entry point used to be here
+    raise SystemExit(
+        "cnn-serve's entry point is serving.main: run cnn-serve or python -m serving.main"
+    )

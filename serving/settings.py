@@ -24,7 +24,7 @@ from serving.runtime import GRAPH_OPT_LEVELS, SPINNING, RuntimeOptions
 from serving.tls import TLSFiles
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 _DEVICE_RE = re.compile(r"auto|cpu|tensorrt|cuda(:\d+)?")
 
 
@@ -64,30 +64,27 @@ class ServerSettings:
         "for pricing metrics in benchmarks)",
     )
     device: str = option("auto", "auto | cpu | cuda | cuda:N | tensorrt", parse=_device)
-    intra_op_threads: int = option(0, "ORT threads per run (0: one per core)", minimum=0)
-    inter_op_threads: int = option(1, "ORT inter-op threads", minimum=0)
+    intra_op_threads: int = option(0, "ORT threads per run (0: one per core)")
+    inter_op_threads: int = option(1, "ORT inter-op threads")
     graph_optimization: str = option(
         "all", "ORT graph optimisation level", choices=tuple(sorted(GRAPH_OPT_LEVELS))
     )
     variant: str = option("fp32", "which model file to serve", choices=tuple(sorted(VARIANT_FILES)))
     max_batch_size: int = option(64, "rows per ORT run", minimum=1)
-    max_queue_delay_us: int = option(
-        0, "how long a request may wait for company (microseconds)", minimum=0
-    )
+    max_queue_delay_us: int = option(0, "how long a request may wait for company (microseconds)")
     max_queue_size: int = option(4096, "queued rows beyond which requests are shed", minimum=1)
     instances: int = option(1, "concurrent ORT runs per model", minimum=1)
     workers: int = option(1, "worker processes sharing the port", minimum=1)
-    poll_interval: float = option(5.0, "seconds between repository scans (0: never)", minimum=0)
-    drain_timeout: float = option(30.0, "seconds to finish admitted requests on SIGTERM", minimum=0)
+    poll_interval: float = option(5.0, "seconds between repository scans (0: never)")
+    drain_timeout: float = option(30.0, "seconds to finish admitted requests on SIGTERM")
     # Long-lived clients re-resolve and reconnect after this age, so a scaled-out Deployment
     # behind one ClusterIP spreads them over the new pods.
     max_connection_age: float = option(
         0.0,
         "seconds before a client connection is asked to reconnect (GOAWAY; 0: never)",
-        minimum=0,
     )
     max_connection_age_grace: float = option(
-        30.0, "seconds an aged connection keeps for the RPCs still running on it", minimum=0
+        30.0, "seconds an aged connection keeps for the RPCs still running on it"
     )
     max_message_bytes: int = option(16 * 1024 * 1024, "largest request or response", minimum=1024)
     max_images_per_request: int = option(256, "images in one request", minimum=1)
@@ -96,9 +93,7 @@ class ServerSettings:
         "occlusion patch positions one Explain may run (each is a forward pass)",
         minimum=1,
     )
-    max_model_bytes: int = option(
-        512 * 1024 * 1024, "largest model file that will be loaded", minimum=1
-    )
+    max_model_bytes: int = option(512 * 1024 * 1024, "largest model file that will be loaded")
     event_loop: str = option(
         "auto",
         "the asyncio event loop: uvloop (libuv, in C: less CPU per RPC), asyncio (the "
@@ -106,7 +101,9 @@ class ServerSettings:
         choices=EVENT_LOOPS,
     )
     log_format: str = option("text", "text | json", choices=("text", "json"))
-    log_level: str = option("info", "debug | info | warning | error", choices=LOG_LEVELS)
+    log_level: str = option(
+        "info", "debug | info | warning | error", choices=LOG_LEVELS, parse=str.lower
+    )
     # Transport and access (SECURITY.md). No certificate: plaintext. No token file: no auth.
     tls_cert: Path | None = option(None, "server certificate chain (PEM): TLS on the gRPC port")
     tls_key: Path | None = option(None, "private key (PEM) of --tls-cert")

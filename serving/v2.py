@@ -50,6 +50,9 @@ class InferRequest:
     id: str
     inputs: Sequence[InferInput]
     outputs: Sequence[RequestedOutput]  # empty: every output, as tensors
+    # Tensor bytes sent beside the inputs, one per input in order (gRPC raw_input_contents,
+    # HTTP's binary tensor extension); empty when each input carries its own data.
+    raw: Sequence[bytes] = ()
 
 
 @dataclass(frozen=True)
@@ -113,13 +116,17 @@ def model_metadata(
     )
 
 
-def input_rows(inputs: Sequence[InferInput], spec: InputSpec, max_images: int) -> np.ndarray:
+def input_rows(request: InferRequest, spec: InputSpec, max_images: int) -> np.ndarray:
     """A request's one input tensor -> validated (N, C, H, W) uint8 rows for `spec`."""
-    if len(inputs) != 1:
-        raise InvalidInput(f"expected exactly one input tensor 'images', got {len(inputs)}")
-    t = inputs[0]
+    if len(request.inputs) != 1:
+        n = len(request.inputs)
+        raise InvalidInput(f"expected exactly one input tensor 'images', got {n}")
+    t = request.inputs[0]
     if t.name != INPUT_NAME:
         raise InvalidInput(f"unknown input {clip(t.name)!r}; the model takes 'images'")
+    if request.raw and len(request.raw) != 1:
+        raise InvalidInput("raw_input_contents must hold exactly one tensor")
+    data = request.raw[0] if request.raw else _raw_bytes(t)
     shape = tuple(int(d) for d in t.shape)
     if len(shape) != 4 or shape[1:] != spec.shape:
         shown = list(shape) if len(shape) <= 8 else f"{len(shape)} dimensions"
@@ -134,7 +141,6 @@ def input_rows(inputs: Sequence[InferInput], spec: InputSpec, max_images: int) -
     itemsize = DATATYPES.get(t.datatype)
     if itemsize is None:
         raise InvalidInput(f"input 'images' datatype must be UINT8 or FP32, got {t.datatype}")
-    data = _raw_bytes(t)
     expected = n * spec.nbytes * itemsize
     if len(data) != expected:
         raise InvalidInput(

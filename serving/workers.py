@@ -92,6 +92,14 @@ def worker_settings(settings: ServerSettings, port: int) -> ServerSettings:
 
 def run_parent(settings: ServerSettings) -> int:
     """The parent process of a multi-worker server."""
+    if multiprocessing.parent_process() is not None:
+        # A spawned worker re-imports the launching script: one that calls main() without
+        # an `if __name__ == "__main__":` guard would land here, in a worker, and wipe the
+        # live workers' metric files before failing on the metrics port, again and again.
+        raise RuntimeError(
+            "cnn-serve --workers N started inside one of its own workers: call "
+            "serving.main.main() under `if __name__ == '__main__':` in the launching script"
+        )
     from serving.server import Access
 
     try:  # here, once: a worker that cannot start would be restarted forever

@@ -283,3 +283,22 @@ def test_at_start_up_a_refused_newest_version_falls_back_and_its_reason_is_kept(
             await repo.close()
 
     asyncio.run(scenario())
+
+
+def test_a_manifest_field_serving_does_not_use_is_logged_not_refused_and_info_is_verbatim(
+    tmp_path,
+):
+    """A hand-edited manifest with a descriptive field of the wrong type (a string version)
+    and a key of its own still serves, as it always did: the field is named in the log, and
+    GetModelInfo returns manifest.json as written, unknown keys and all."""
+
+    def edit(man: dict) -> None:
+        man["version"] = "1"
+        man["owner"] = "team-a"
+
+    write_version(tmp_path, MODEL, 1, edit_manifest=edit)
+    with serving(tmp_path) as server, Client(server.target) as client:
+        info = client.model_info()
+        assert info["version"] == 1
+        assert info["manifest"]["version"] == "1" and info["manifest"]["owner"] == "team-a"
+        assert "served without these fields: 'version' must be an integer" in server.log()

@@ -370,6 +370,20 @@ def test_v2_bad_tensors_get_invalid_argument(server, fashion_test):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_v2_names_the_missing_model_before_judging_its_tensors(server, fashion_test):
+    """A request for a model that is not served gets NOT_FOUND, however bad its tensors:
+    the model is resolved before its input is read."""
+    stub = v2_grpc.GRPCInferenceServiceStub(server.channel())
+    x = fashion_test.images[0].tobytes()
+    for version in ("", "x9"):
+        r = v2.ModelInferRequest(model_name="nope", model_version=version)
+        r.inputs.add(name="images", datatype="UINT8", shape=[1, 1, 28, 28])
+        r.raw_input_contents.extend([x, x])  # two tensors for one input
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(r)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+
+
 # ----------------------------------------------------------------------------- health, reflection
 def test_health_is_serving_and_reflection_lists_every_service(server):
     ch = server.channel()

@@ -33,9 +33,8 @@ from serving.client.clients import AsyncClient, Client
 from serving.client.convert import ClassScore, Explanation, Prediction, to_image
 from serving.client.retry import RETRYABLE, PredictionError, Retry
 
-# The commands' settings are built on serving.settings, which imports the server's core
-# (onnxruntime among it): loaded when a command's names are first used, not by every
-# `import serving.client`.
+# The commands (cnn-predict's CLI and its settings, tqdm) load when a command's names are
+# first used, not with every `import serving.client` a library user makes.
 _LAZY = {
     "predict_main": "serving.client.predict",
     "find_images": "serving.client.predict",

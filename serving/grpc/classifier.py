@@ -146,6 +146,6 @@ class ClassifierServicer(Servicer, pb_grpc.ClassifierServicer):
             execution_provider=info.provider,
             requested_device=info.requested_device,
             max_batch_size=info.max_batch_size,
-            manifest_json=json.dumps(info.manifest.to_dict()),
+            manifest_json=json.dumps(info.document),
             variants=sorted(info.manifest.variants),
         )

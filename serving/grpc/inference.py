@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from serving import v2
-from serving.errors import InvalidInput
 from serving.grpc.status import Servicer, deadline_of, rpc
 from serving.proto.inference import grpc_predict_v2_pb2 as pb
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -17,13 +16,9 @@ from serving.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 def infer_request(request: pb.ModelInferRequest) -> v2.InferRequest:
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(
-            f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs"
-        )
     inputs = [
-        v2.InferInput(t.name, t.datatype, tuple(t.shape), raw[i] if raw else _typed(t))
-        for i, t in enumerate(request.inputs)
+        v2.InferInput(t.name, t.datatype, tuple(t.shape), None if raw else _typed(t))
+        for t in request.inputs
     ]
     outputs = [
         v2.RequestedOutput(
@@ -33,7 +28,7 @@ def infer_request(request: pb.ModelInferRequest) -> v2.InferRequest:
         for o in request.outputs
     ]
     version = v2.version_number(request.model_version)
-    return v2.InferRequest(request.model_name, version, request.id, inputs, outputs)
+    return v2.InferRequest(request.model_name, version, request.id, inputs, outputs, list(raw))
 
 
 def _typed(t: Any) -> np.ndarray | None:
