@@ -388,6 +388,8 @@ def per_worker(mp_dir: Path, kind: str, name: str) -> dict[str, float]:
     the file prefix: counter, gauge_livemax, ...); the parent's /metrics only has totals."""
     out = {}
     for path in mp_dir.glob(f"{kind}_*.db"):
+        if path.stat().st_size == 0:  # a (restarted) worker creating it: read on the next poll
+            continue
         fams = MultiProcessCollector.merge([str(path)], accumulate=False)
         out[path.stem.rsplit("_", 1)[1]] = sum(
             s.value for f in fams for s in f.samples if s.name == name
