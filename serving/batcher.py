@@ -120,11 +120,21 @@ class Batcher:
         self._active = 0  # batches computing now (scheduled or fast path)
         self._closed = False
         self._small_run_s: float | None = None  # moving average of small runs' duration
+        self._row_s = 0.0  # moving average of a run's seconds per row
+        self._run_s = 0.0  # and of a run's seconds
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    def expected_wait(self) -> float:
+        """About how long a one-row request arriving now would take to be answered, at the
+        recent cost of a row and of a run: the rows queued ahead of it, spread over the
+        instances; half a run for the batch computing now (on average, half done); its own
+        row."""
+        running = self._run_s / 2 if self._active else 0.0
+        return self._queued_rows * self._row_s / self.config.instances + running + self._row_s
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Compute `rows` (N, ...) in some batch; returns their N output rows, in order."""
@@ -186,6 +196,8 @@ class Batcher:
 
     def _observe_run(self, n: int, took: float) -> None:
         self.observer.batch(n, took)
+        self._row_s = 0.8 * self._row_s + 0.2 * took / n if self._row_s else took / n
+        self._run_s = 0.8 * self._run_s + 0.2 * took if self._run_s else took
         if n <= INLINE_MAX_ROWS:
             last = self._small_run_s
             self._small_run_s = took if last is None else 0.8 * last + 0.2 * took

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 from serving import occlusion, v2
 from serving.codec import NeedsThread, PixelBudget, decode_image, tensor_to_image
 from serving.contract import InputSpec, Manifest
-from serving.errors import Draining, InvalidInput, ModelNotFound
+from serving.errors import DeadlineExceeded, Draining, InvalidInput, ModelNotFound, Overloaded
 from serving.model import ModelVersion
 from serving.repository import ModelRepository
 
@@ -31,14 +32,20 @@ INLINE_DECODE_BYTES = 256 * 1024
 # So would decoding an image that declares this many pixels, however small its file: a 62 KB
 # RGBA PNG can declare 16 M pixels and take most of a second to decode.
 INLINE_DECODE_PIXELS = 512 * 512
+# A drain stops the front end once no call has arrived for this long (in this many steps of
+# the event loop, each on time).
+SETTLE_QUIET_S = 0.1
+SETTLE_STEPS = 5
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for (serving.settings holds the defaults)."""
+    """What one request may ask for, and when it is refused (serving.settings holds the
+    defaults)."""
 
     max_images_per_request: int
     max_explain_positions: int  # occlusion patch positions (forward passes - 1)
+    shed_by_deadline: bool  # refuse at admission what the queue would make late
 
 
 # One image of a request. Slotted: a 32-image request makes 32 of them (350 against 550 ns
@@ -121,15 +128,48 @@ class DataPlane:
         self.limits = limits
         self.decode_executor = decode_executor
         self.admitting = True
+        self.arrivals = 0  # calls that asked for admission, admitted or not
 
     # -- admission and readiness ------------------------------------------------------
-    def admit(self) -> None:
-        """Draining unless new work is admitted (every front end asks before each call)."""
+    def admit(self, deadline: float | None = None) -> None:
+        """Every front end asks before each call, before parsing anything of it: Draining
+        while the server drains; Overloaded when the work already queued would outlast the
+        call's deadline (a time.monotonic() value), so it is refused now, at the cost of a
+        refusal, instead of timing out later at the cost of waiting in the queue."""
+        self.arrivals += 1
         if not self.admitting:
             raise Draining("server is draining; retry on another replica")
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("deadline passed before the call was handled")
+            wait = self.repository.expected_wait() if self.limits.shed_by_deadline else 0.0
+            if wait >= left:
+                raise Overloaded(
+                    f"overloaded: about {wait * 1e3:.0f} ms of queued work, more than the "
+                    f"{left * 1e3:.0f} ms this call has left; retry later"
+                )
 
     def stop_admitting(self) -> None:
         self.admitting = False
+
+    async def settle(self, limit: float, quiet: float = SETTLE_QUIET_S) -> bool:
+        """After stop_admitting: wait until no call has arrived for `quiet` s of an event
+        loop on time (True; a late step may hide calls behind it) or `limit` s pass (False).
+        A transport stopped while it holds calls not yet handed to a handler cancels them,
+        and a client reads CANCELLED as its own doing; meanwhile each reaches admit() and is
+        refused as draining (UNAVAILABLE: retry elsewhere)."""
+        step = quiet / SETTLE_STEPS
+        end = time.monotonic() + limit
+        calm = 0
+        while calm < SETTLE_STEPS:
+            if time.monotonic() >= end:
+                return False
+            seen, t0 = self.arrivals, time.monotonic()
+            await asyncio.sleep(step)
+            on_time = time.monotonic() - t0 < 2 * step
+            calm = calm + 1 if on_time and self.arrivals == seen else 0
+        return True
 
     @property
     def ready(self) -> bool:

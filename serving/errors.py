@@ -32,6 +32,12 @@ class QueueFull(ServingError):
     reason = "queue_full"
 
 
+class Overloaded(QueueFull):
+    """Load shedding at admission: the work already queued would outlast the call's deadline."""
+
+    reason = "overloaded"
+
+
 class MessageTooLarge(ServingError):
     reason = "message_too_large"
 

@@ -92,6 +92,13 @@ class ModelRepository:
     def ready(self) -> bool:
         return bool(self._models) and all(self._models.values())
 
+    def expected_wait(self) -> float:
+        """The longest a request to any loaded version would now take (see Batcher)."""
+        return max(
+            (mv.batcher.expected_wait() for vs in self._models.values() for mv in vs.values()),
+            default=0.0,
+        )
+
     def names(self) -> list[str]:
         return sorted(self._models)
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,11 @@ from serving.metrics import Metrics, MetricsEvents
 from serving.repository import ModelRepository
 from serving.settings import EVENT_LOOPS, ServerSettings
 from serving.tls import TLSError
+
+# On SIGTERM, calls that keep arriving are refused as draining for at most this long (or half
+# the drain timeout) before the front end stops: long enough for a load balancer to take the
+# replica out, short enough not to slow a rolling update.
+SETTLE_MAX_S = 1.0
 
 log = logging.getLogger("convserve.server")
 
@@ -92,7 +98,14 @@ class App:
         self.plane.stop_admitting()
         await self.front.set_serving(False)
         log.info("draining: finishing admitted requests (up to %.0fs)", timeout)
-        await self.front.stop(timeout)
+        # Calls the front end has taken in but not handed to a handler would be cancelled by
+        # its stop: refuse them as draining first (they go elsewhere), while admitted ones
+        # finish; a client that keeps sending is cut off after SETTLE_MAX_S.
+        t0 = time.monotonic()
+        window = min(timeout / 2, SETTLE_MAX_S)
+        if window > 0 and not await self.plane.settle(window):
+            log.info("calls still arriving after %.1fs of refusing them; stopping", window)
+        await self.front.stop(max(0.0, timeout - (time.monotonic() - t0)))
         await self.repository.close(timeout=1.0)
         if self._watch_task is not None:
             self._watch_task.cancel()

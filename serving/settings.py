@@ -74,6 +74,11 @@ class ServerSettings:
     max_queue_delay_us: int = option(0, "how long a request may wait for company (microseconds)")
     max_queue_size: int = option(4096, "queued rows beyond which requests are shed", minimum=1)
     instances: int = option(1, "concurrent ORT runs per model", minimum=1)
+    shed_by_deadline: bool = option(
+        True,
+        "refuse at once (RESOURCE_EXHAUSTED) a call whose deadline the work already queued "
+        "would outlast, instead of queueing it to time out",
+    )
     workers: int = option(1, "worker processes sharing the port", minimum=1)
     poll_interval: float = option(5.0, "seconds between repository scans (0: never)")
     drain_timeout: float = option(30.0, "seconds to finish admitted requests on SIGTERM")
@@ -184,7 +189,9 @@ class ServerSettings:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_images_per_request, self.max_explain_positions)
+        return Limits(
+            self.max_images_per_request, self.max_explain_positions, self.shed_by_deadline
+        )
 
     @property
     def tls_files(self) -> TLSFiles | None:

@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -436,7 +438,9 @@ def test_full_queue_sheds_with_resource_exhausted(model_repository, fashion_test
 
 def test_expired_deadlines_never_run(model_repository, fashion_test):
     counted = {"model": MODEL, "version": "1"}
-    with serving(model_repository, max_batch_size=1, max_images_per_request=300) as s:
+    # Admitted to the queue, then expired there (shedding at admission would refuse them).
+    plain_queue = {"max_batch_size": 1, "max_images_per_request": 300, "shed_by_deadline": False}
+    with serving(model_repository, **plain_queue) as s:
         stub = pb_grpc.ClassifierStub(s.channel())
         big = [
             stub.Predict.future(
@@ -517,6 +521,43 @@ def test_hot_swap_under_load_loses_nothing_and_a_broken_version_leaves_the_old(
         assert "refused fashion-mnist version 3" in s.log()
 
 
+def test_a_call_the_queue_would_make_late_is_refused_at_once_and_never_queued(
+    model_repository, fashion_test
+):
+    counted = {"model": MODEL, "version": "1"}
+    with serving(model_repository, max_batch_size=1, max_images_per_request=300) as s:
+        stub = pb_grpc.ClassifierStub(s.channel())
+        one = pb.PredictRequest(images=[tensor(fashion_test.images[0])])
+        stub.Predict(one)  # the batcher learns what a run costs
+        big = [
+            stub.Predict.future(
+                pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:300]])
+            )
+            for _ in range(2)
+        ]
+        queued = lambda: s.value("convserve_queue_depth", **counted) > 0  # noqa: E731
+        wait_for("the big requests to queue", queued, every=0.001)
+        codes = []
+        for _ in range(10):  # up to 600 single-row runs ahead of each: far beyond 5 ms
+            try:
+                stub.Predict(one, timeout=0.005)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "overloaded" in exc.details(), exc.details()
+        assert all(len(b.result().predictions) == 300 for b in big)
+        refused = codes.count("RESOURCE_EXHAUSTED")
+        # Refused while the queue was long; one that came as it emptied may be admitted.
+        assert refused >= 1 and set(codes) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "OK"}
+        assert s.value("convserve_rejected_requests_total", reason="overloaded") == refused
+        idle = lambda: not s.value("convserve_inflight_requests") and not queued()  # noqa: E731
+        wait_for("every request to be answered or dropped", idle)
+        # The refused calls never reached the queue, so never ONNX Runtime.
+        items = s.value("convserve_inference_items_total", **counted)
+        assert items <= 1 + 600 + (10 - refused), items
+
+
 # ----------------------------------------------------------------------------- shutdown
 def test_sigterm_under_load_completes_every_admitted_request(
     model_repository, tmp_path, fashion_test
@@ -545,6 +586,31 @@ def test_sigterm_under_load_completes_every_admitted_request(
     with pytest.raises(grpc.RpcError) as err:
         stub.Predict(pb.PredictRequest(images=[tensor(fashion_test.images[0])]), timeout=2)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_sigterm_during_a_burst_answers_every_call_and_cancels_none(
+    model_repository, tmp_path, fashion_test
+):
+    """400 calls of 8 images at once, far more than a batch or the queue: those the server
+    had received but not yet handled when SIGTERM came are refused UNAVAILABLE (go
+    elsewhere), never CANCELLED, which a client reads as its own doing."""
+    s = start_server(model_repository, tmp_path, "--max-batch-size", "8")
+    request = pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:8]])
+    channels = [s.channel() for _ in range(4)]
+    try:
+        stubs = [pb_grpc.ClassifierStub(ch) for ch in channels]
+        calls = [stubs[i % 4].Predict.future(request, timeout=60) for i in range(400)]
+        time.sleep(0.05)  # the scenario: SIGTERM 50 ms into the burst
+        assert s.stop() == 0
+        codes = Counter(
+            "OK" if call.exception() is None else call.exception().code().name for call in calls
+        )
+    finally:
+        for ch in channels:
+            ch.close()
+    assert codes["CANCELLED"] == 0, codes
+    assert set(codes) <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}, codes
+    assert codes["OK"] > 0 and codes["UNAVAILABLE"] > 0, codes
 
 
 # ----------------------------------------------------------------------------- devices, workers

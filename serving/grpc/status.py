@@ -81,7 +81,7 @@ def rpc(method: str) -> Callable[[Handler], Handler]:
             self.metrics.inflight.inc()
             code = "OK"
             try:
-                self.plane.admit()
+                self.plane.admit(deadline_of(context))
                 if isinstance(request, Undecodable):
                     raise errors.InvalidInput(request.reason)
                 return await fn(self, request, context)
