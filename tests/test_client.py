@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from serving.client import AsyncClient, Client, PredictionError, Retry, predict_main
+from serving.client.retry import Throttle
+from tests.inprocess import serving
 from tests.serving_helpers import free_port, metric_value, running_server, start_server
 from trainer.data import load_dataset
 
@@ -209,7 +211,8 @@ def test_invalid_argument_is_never_retried(server):
 
 def test_unavailable_is_retried_until_the_server_comes_up(model_repository, images, tmp_path):
     port = free_port()
-    retry = CountingRetry(attempts=1000, backoff_s=0.02, max_backoff_s=0.1)
+    # No retry budget: this caller means to wait for the server, whatever it takes.
+    retry = CountingRetry(attempts=1000, backoff_s=0.02, max_backoff_s=0.1, retry_budget=None)
     result: dict = {}
 
     def call():
@@ -233,6 +236,55 @@ def test_unavailable_is_retried_until_the_server_comes_up(model_repository, imag
     assert result["preds"][0].model == MODEL
     assert result["seconds"] >= 0.3
     assert len(retry.waits) >= 1  # it was refused, and retried
+
+
+def test_a_client_refused_by_its_server_sends_it_less_not_more(model_repository, images):
+    """Adaptive throttling: a server that refuses every call (8 images against a queue of 1
+    row) soon gets only a trickle of them; the caller gets RESOURCE_EXHAUSTED at once."""
+    with serving(model_repository, max_queue_size=1) as s, Client(s.target) as client:
+        refusals = []
+        for _ in range(200):
+            with pytest.raises(PredictionError) as err:
+                client.predict(list(images[:8]))
+            refusals.append(err.value)
+        assert {e.code for e in refusals} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        local = sum("client-side throttling" in e.details for e in refusals)
+        sent = s.value("convserve_requests_total", method="Predict", code="RESOURCE_EXHAUSTED")
+        assert sent + local == 200 and sent < 50, (sent, local)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throttling_follows_the_refusals_and_forgets_them_after_its_window():
+    clock = FakeClock()
+    throttle = Throttle(Retry(), clock=clock, rand=lambda: 0.999)  # sends unless p > 0.999
+    for _ in range(10):
+        assert throttle.admit()
+        throttle.answered(grpc.StatusCode.OK)
+    assert throttle.reject_probability() == 0.0
+    for _ in range(90):
+        throttle.admit()
+        throttle.answered(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    # 100 requests, 10 accepted: (100 - 2 x 10) / 101
+    assert throttle.reject_probability() == pytest.approx(80 / 101)
+    clock.now += 121.0  # the window has passed: what was seen is forgotten
+    assert throttle.reject_probability() == 0.0
+
+
+def test_the_retry_budget_caps_retries_at_a_share_of_the_calls():
+    throttle = Throttle(Retry(retry_budget=0.1, retry_tokens=10), rand=lambda: 1.0)
+    assert sum(throttle.spend_retry() for _ in range(50)) == 10  # the bucket starts full
+    for _ in range(100):  # 100 calls sent earn 10 retries
+        throttle.admit()
+    assert sum(throttle.spend_retry() for _ in range(50)) == 10
+    unlimited = Throttle(Retry(retry_budget=None))
+    assert all(unlimited.spend_retry() for _ in range(1000))
 
 
 # ----------------------------------------------------------------------------- targets

@@ -307,8 +307,10 @@ class Load:
     answers: list[tuple[float, str, str]] = field(default_factory=list)  # (time, code, details)
 
     def _send(self) -> None:
-        # One attempt per call: a retry would turn a dropped call into a later refusal.
-        with Client(self.target, timeout=30, retry=Retry(attempts=1)) as client:
+        # One attempt per call: a retry would turn a dropped call into a later refusal; and
+        # every call sent: client-side throttling would answer some itself.
+        once = Retry(attempts=1, throttle_k=None)
+        with Client(self.target, timeout=30, retry=once) as client:
             while not self.stop.is_set():
                 try:
                     client.predict(list(self.images))

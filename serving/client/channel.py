@@ -68,7 +68,11 @@ def channel_options(
         ("grpc.max_send_message_length", max_message_bytes),
     ]
     if load_balancing:
-        config = {"loadBalancingConfig": [{load_balancing: {}}]}
+        config: dict[str, object] = {"loadBalancingConfig": [{load_balancing: {}}]}
+        if load_balancing == "round_robin":
+            # Each server's grpc.health.v1 status, watched: a replica that starts draining
+            # (NOT_SERVING) leaves the rotation at once instead of refusing calls.
+            config["healthCheckConfig"] = {"serviceName": ""}
         opts.append(("grpc.service_config", json.dumps(config)))
     if tls is not None and tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))

@@ -32,7 +32,7 @@ from serving.client.convert import (
     to_model_info,
     to_predictions,
 )
-from serving.client.retry import Attempts, PredictionError, Retry
+from serving.client.retry import Attempts, PredictionError, Retry, Throttle
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -58,6 +58,7 @@ class _ClientBase:
         self.target = channel_target(target)
         self.timeout = timeout
         self.retry = retry
+        self.throttle = Throttle(retry)  # shared by this client's calls
         self.metadata = tuple(metadata) + bearer_metadata(auth_token)
         if load_balancing is None:
             load_balancing = default_load_balancing(target)
@@ -66,7 +67,7 @@ class _ClientBase:
         self.stub = pb_grpc.ClassifierStub(self.channel)
 
     def _attempts(self, timeout: float | None) -> Attempts:
-        return Attempts(self.retry, timeout if timeout is not None else self.timeout)
+        return Attempts(self.retry, timeout if timeout is not None else self.timeout, self.throttle)
 
     def _invoke(self, method: Any, build: Build, parse: Parse, timeout: float | None) -> Any:
         """Send `build()` with `method` under the retry policy; `parse` the answer. The
@@ -150,6 +151,7 @@ class Client(_ClientBase):
             except grpc.RpcError as exc:
                 time.sleep(tries.backoff(exc))
             else:
+                tries.succeeded()
                 return parse(response)
 
     def predict_stream(
@@ -217,6 +219,7 @@ class AsyncClient(_ClientBase):
             except grpc.RpcError as exc:
                 await asyncio.sleep(tries.backoff(exc))
             else:
+                tries.succeeded()
                 return parse(response)
 
     async def predict_stream(
