@@ -125,7 +125,7 @@ bench-metrics: install data  ## what metrics cost: server with and without them,
 SERVED_MODEL := runs/bench-export/models/fashion-mnist/1/model.onnx
 SOAK_SECONDS ?= 600
 
-overload: install data  ## sustainable rate, then several times more: statuses, RSS, recovery; writes bench/results/overload.json
+overload: install data  ## capacity, then 4x and 10x it open loop, ours and 513f521's, alone and behind HAProxy; writes bench/results/overload.json
 	test -f $(SERVED_MODEL) || $(MAKE) bench-export
 	$(PY) bench/overload.py --out bench/results/overload.json $(OVERLOAD_ARGS)
 

@@ -14,6 +14,8 @@ NEEDED=(
   "catatonit|catatonit|the infra container of the pods podman kube play starts"
   "mmdebstrap|mmdebstrap|base images made from Debian packages when no registry answers"
   "/usr/lib/cni/dnsname|golang-github-containernetworking-plugin-dnsname|Compose services find each other by name"
+  "h2load|nghttp2-client|open-loop gRPC load at a fixed rate for the overload tests"
+  "/usr/sbin/haproxy|haproxy|deploy/haproxy: admission in front of the server under overload"
 )
 
 missing=()

@@ -1,5 +1,6 @@
 """Overload, the short form of `make overload`: a real `cnn-serve` with a deliberately slow
-model and a small queue, driven past its capacity by the real open-loop load generator.
+model and a small queue, driven past its capacity by the real open-loop load generator; and
+five times capacity from h2load, fast model and slow, with HAProxy (deploy/haproxy) in front.
 
 The excess gets only RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, every row ONNX Runtime
 computed belongs to an answered request or to a caller that left while its batch ran
@@ -10,23 +11,25 @@ server is back to an empty queue and a correct answer once the load stops.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
-import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
+from bench import overload_run
 from bench.process_stats import MIB, Sampler, rss_bytes
+from bench.slow_model import slow_down
 from serving.client.loadgen import LoadConfig, run_load
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from tests import tiny_models
 from tests.serving_helpers import ServerProcess, codes_of, metric_value, running_server
 
+ROOT = Path(__file__).resolve().parents[1]
 SLOW = "slow"
 SHAPE = (1, 8, 8)
 MAX_BATCH = 8
@@ -40,45 +43,11 @@ MIN_DEADLINE_S = 0.25
 RSS_GROWTH_BOUND = 64 * MIB
 
 
-def slow_model(layers: int = 200, width: int = 1024, seed: int = 0) -> onnx.ModelProto:
-    """The tiny model (same contract, same answers) plus a chain of `layers` width x width
-    MatMul+Tanh layers that only burns time: its result is multiplied by zero and added to
-    the logits, so ORT cannot prune it and the answers stay tiny_models' known ones.
-    Compute per row grows with `layers` (one shared weight: the file stays ~4 MiB)."""
+def slow_model(layers: int = 200, width: int = 1024) -> onnx.ModelProto:
+    """The tiny model (same contract, same known answers) slowed down by bench/slow_model's
+    busy chain: compute per row grows with `layers`."""
     meta = tiny_models.exporter_metadata(SLOW, 1, shape=SHAPE)
-    model = tiny_models.make_model(shape=SHAPE, metadata=meta)
-    g = model.graph
-    next(n for n in g.node if n.op_type == "Neg").output[0] = "logits_fast"
-    rng = np.random.default_rng(seed)
-    features = int(np.prod(SHAPE))
-    g.initializer.extend(
-        [
-            numpy_helper.from_array(
-                (rng.standard_normal((features, width)) / features).astype(np.float32), "w_in"
-            ),
-            numpy_helper.from_array(
-                (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w"
-            ),
-            numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
-        ]
-    )
-    nodes = [
-        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
-        helper.make_node("MatMul", ["flat", "w_in"], ["busy_h0"]),
-    ]
-    for i in range(layers):
-        nodes.append(helper.make_node("MatMul", [f"busy_h{i}", "w"], [f"busy_m{i}"]))
-        nodes.append(helper.make_node("Tanh", [f"busy_m{i}"], [f"busy_h{i + 1}"]))
-    nodes += [
-        helper.make_node("ReduceSum", [f"busy_h{layers}"], ["busy"], keepdims=1),
-        helper.make_node("Mul", ["busy", "zero"], ["nothing"]),
-        helper.make_node("Add", ["logits_fast", "nothing"], ["logits"]),
-    ]
-    softmax = next(i for i, n in enumerate(g.node) if n.op_type == "Softmax")
-    for k, node in enumerate(nodes):
-        g.node.insert(softmax + k, node)
-    onnx.checker.check_model(model)
-    return model
+    return slow_down(tiny_models.make_model(shape=SHAPE, metadata=meta), layers, width)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +152,7 @@ def test_requests_that_expire_in_the_queue_are_dropped_not_computed(slow_reposit
     """Full batches hold the only ORT instance; single-image requests queued behind them time
     out long before their turn. None of their rows may reach ONNX Runtime."""
     args = ("--intra-op-threads", "1", "--max-batch-size", str(MAX_BATCH), "--poll-interval", "0")
+    args += ("--no-shed-by-deadline",)  # admitted to the queue, to expire there
     with running_server(slow_repository, tmp_path, *args) as s, s.channel() as ch:
         stub = pb_grpc.ClassifierStub(ch)
         image = tiny_models.image_of_class(1, SHAPE)
@@ -225,3 +195,54 @@ def test_requests_that_expire_in_the_queue_are_dropped_not_computed(slow_reposit
         computed = grew(after, "convserve_inference_items_total")
         assert computed == blocking * MAX_BATCH  # the blockers alone
         assert grew(after, "convserve_abandoned_rows_total") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["fast", "slow"])
+def test_five_times_capacity_behind_the_proxy_keeps_half_of_it_and_refuses_the_rest(
+    model, model_repository, slow_repository
+):
+    """h2load offers 5x the closed-loop capacity (measured here, through the proxy) for 3 s,
+    open loop, with a 0.5 s deadline. The fast model makes the RPC layer the bottleneck
+    (convserve alone, or 513f521's server, lose most of it there: RELIABILITY.md); the slow
+    one, the queue. Times are `make overload` figures; here the statuses and ratios."""
+    cpus = sorted(os.sched_getaffinity(0))
+    server, load = str(cpus[0]), ",".join(map(str, cpus[1:])) or str(cpus[0])
+    repository, shape = (
+        (model_repository, (1, 28, 28))
+        if model == "fast"
+        else (
+            slow_repository,
+            SHAPE,
+        )
+    )
+    setup = overload_run.Setup(
+        ROOT,
+        "serving.main",
+        repository,
+        ["--intra-op-threads", "1"],
+        shape,
+        [5.0],
+        3.0,
+        capacity_seconds=2.0,
+        server_cpus=server,
+        load_cpus=load,
+        proxy_cpus=server,
+    )
+    r = overload_run.measure(setup)
+    assert r["capacity"]["every_answer_ok"], r["capacity"]
+    o = r["offers"][0]
+    figures = {k: o[k] for k in ("sent_per_s", "goodput_per_s", "server_statuses", "sampled")}
+    print(f"{model}: capacity {r['capacity']['requests_per_s']}/s, {figures}")
+    assert o["sent_per_s"] >= 3 * r["capacity"]["requests_per_s"], figures  # really offered
+    # Served what it could, refused the rest: never INTERNAL or UNKNOWN; CANCELLED only
+    # where the caller left (h2load, its time up, with calls in flight; never the sampler).
+    assert o["goodput_of_capacity"] >= 0.5, figures
+    shed = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert set(o["server_statuses"]) <= {"OK", "CANCELLED", *shed}, figures
+    assert set(o["sampled"]["statuses"]) <= {"OK", *shed}, figures
+    refused = sum(n for code, n in o["server_statuses"].items() if code in shed)
+    assert o["never_handled"] + refused > 0, figures  # the proxy's refusals, or the server's
+    assert o["rows"]["computed_for_no_ok_answer"] <= 4 * 64, o["rows"]  # a few batches' slack
+    assert o["recovery"]["first_ok_s"] >= 0  # measured: an OK answer came after the load
+    assert r["exit_code"] == 0
