@@ -1,9 +1,9 @@
 """`make soak`: hours-in-minutes at a steady 70% of the sustainable rate; writes
 bench/results/soak.json.
 
-The rate is 70% of `sustainable_rate_per_s` in bench/results/overload.json when that file
-exists (`make overload` measured it on this machine), else of a short search run here
-first. Every --sample-every seconds the RSS and open file descriptors of the server's
+The rate is 70% of --rate when given, else of the sustainable rate a short search finds
+first (bench/sustainable.py: the highest open-loop rate with no errors at a 0.5 s
+deadline). Every --sample-every seconds the RSS and open file descriptors of the server's
 process tree (parent and workers) are read from /proc. Reported: RSS growth from the end of
 the warm-up to the end (target < 5%), fd counts per process after warm-up (target: flat),
 errors, and the ONNX Runtime memory settings the server ran with.
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from overload import start_pinned, sustainable_rate  # noqa: E402
 from process_stats import MIB, Sampler  # noqa: E402
+from sustainable import start_pinned, sustainable_rate  # noqa: E402
 
 from serving.client.loadgen import LoadConfig, resolve, run_load  # noqa: E402
 from serving.runtime import session_options  # noqa: E402
@@ -54,22 +54,21 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", 600)))
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="of --seconds")
     p.add_argument("--fraction", type=float, default=0.7, help="of the sustainable rate")
-    p.add_argument("--overload-json", type=Path, default=ROOT / "bench/results/overload.json")
+    p.add_argument("--rate", type=float, default=0.0, help="sustainable rate (0: search)")
     p.add_argument("--deadline", type=float, default=5.0, help="client deadline per request, s")
     p.add_argument("--sample-every", type=float, default=5.0)
     p.add_argument("server_args", nargs="*", help="extra cnn-serve flags (after --)")
     a = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    # Pinned as in `make overload`, so the sustainable rate it measured applies here.
+    # The server on the first half of the CPUs, the load on the rest.
     with start_pinned(a.model_repository, tmp, *a.server_args) as (s, cpus):
         cfg = resolve(LoadConfig(target=s.target, timeout=a.deadline, connections=8))
-        if a.overload_json.is_file():
-            sustainable = json.loads(a.overload_json.read_text())["sustainable_rate_per_s"]
-            source = str(a.overload_json)
+        if a.rate > 0:
+            sustainable, source = a.rate, "--rate"
         else:
             sustainable, _ = sustainable_rate(s, replace(cfg, timeout=0.5), 100.0, 3.0)
-            source = "measured here (no overload.json)"
+            source = "measured here first"
         rate = a.fraction * sustainable
         warmup = a.seconds * a.warmup_fraction
         print(f"soak: {rate:.0f}/s ({a.fraction:g} x {sustainable:g}/s) for {a.seconds:g} s")

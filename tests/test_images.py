@@ -334,10 +334,11 @@ class Load:
                 w.join(60)
 
 
-# Answers a caller may get for a call the server never admitted: the gate's refusal while it
-# drains, no server on the port any more, or CANCELLED for a call grpc's transport had taken
-# but no handler had started when the drain began (serving.client retries it; the overload
-# work removes it). Anything else lost an admitted call.
+# Answers a caller may get for a call the server never admitted: the refusal while it drains,
+# no server on the port any more, or CANCELLED for a call grpc's transport took in the
+# instant it stopped: the drain refuses calls as they come for up to 1 s, but this load never
+# pauses (a burst that ends is answered without one: test_serving.py). Anything else lost
+# an admitted call.
 NOT_ADMITTED = ("server is draining", "failed to connect", "Connection refused")
 NOT_STARTED = "CANCELLED"
 
