@@ -132,9 +132,10 @@ class Batcher:
         """About how long a one-row request arriving now would take to be answered, at the
         recent cost of a row and of a run: the rows queued ahead of it, spread over the
         instances; half a run for the batch computing now (on average, half done); its own
-        row."""
+        row. 0 when nothing is ahead of it: an idle batcher makes nobody late."""
         running = self._run_s / 2 if self._active else 0.0
-        return self._queued_rows * self._row_s / self.config.instances + running + self._row_s
+        ahead = self._queued_rows * self._row_s / self.config.instances + running
+        return ahead + self._row_s if ahead > 0 else 0.0
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Compute `rows` (N, ...) in some batch; returns their N output rows, in order."""

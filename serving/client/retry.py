@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -62,7 +63,12 @@ class Throttle:
     BUCKETS = 12
     MIN_REQUESTS = 10
 
-    def __init__(self, retry: Retry, clock=time.monotonic, rand=random.random):
+    def __init__(
+        self,
+        retry: Retry,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ):
         self.retry = retry
         self.clock = clock
         self.rand = rand
