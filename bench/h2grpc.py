@@ -63,10 +63,21 @@ class H2Result:
     command: str
 
 
-def command(host: str, port: int, path: str, body: Path, concurrency: int) -> list[str]:
+def command(
+    host: str,
+    port: int,
+    path: str,
+    body: Path,
+    concurrency: int,
+    *,
+    layout_of: tuple[int, int] | None = None,
+    headers: tuple[str, ...] = (),
+) -> list[str]:
     """h2load posting the pre-framed gRPC `body` to `path` with `concurrency` streams in flight
-    (add -D for a duration)."""
-    conns, streams = layout(concurrency)
+    (or `layout_of` = (connections, streams per connection)), with extra `headers` (add -D
+    for a duration)."""
+    conns, streams = layout_of or layout(concurrency)
+    extra = [arg for h in headers for arg in ("-H", h)]
     return [
         "h2load",
         f"http://{host}:{port}{path}",
@@ -76,6 +87,7 @@ def command(host: str, port: int, path: str, body: Path, concurrency: int) -> li
         "te: trailers",
         "-H",
         "content-type: application/grpc",
+        *extra,
         "-c",
         str(conns),
         "-m",

@@ -26,6 +26,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench import h2grpc
+
 REFUSALS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
 
 
@@ -128,26 +130,12 @@ def open_loop(
     """Offer `rate` calls a second for `seconds` over `connections` connections, each call
     with a `deadline` (s) in its grpc-timeout header; h2load pinned to `cpus` if given."""
     per_connection = max(1.0, rate / connections)
-    cmd = [
-        "h2load",
-        f"http://{host}:{port}{path}",
-        "-d",
-        str(body),
-        "-H",
-        "te: trailers",
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        f"grpc-timeout: {max(1, round(deadline * 1000))}m",
-        "-c",
-        str(connections),
-        "-m",
-        "4096",  # streams per connection: never the limit, so the rate is the offer
-        "--rps",
-        f"{per_connection:.1f}",
-        "-D",
-        f"{round(seconds * 1000)}ms",
-    ]
+    timeout = f"grpc-timeout: {max(1, round(deadline * 1000))}m"
+    # 4096 streams a connection: never the limit, so the rate is the offer.
+    cmd = h2grpc.command(
+        host, port, path, body, connections, layout_of=(connections, 4096), headers=(timeout,)
+    )
+    cmd += ["--rps", f"{per_connection:.1f}", "-D", f"{round(seconds * 1000)}ms"]
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import h2grpc, openloop
+from bench import serving_bench as sb
 from bench.process_stats import MIB, Sampler, sample
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 
@@ -85,7 +85,7 @@ PROXY_DIR = Path(__file__).resolve().parents[1] / "deploy/haproxy"
 @contextlib.contextmanager
 def proxied(s: Server, cpus: str, inflight: int, queue_ms: int, work: Path) -> Iterator[Server]:
     """HAProxy (deploy/haproxy) in front of `s`, pinned to `cpus`; `s` with its front set."""
-    port = free_port()
+    port = sb.free_port()
     env = {
         **os.environ,
         "CONVSERVE_PROXY_DIR": str(PROXY_DIR),
@@ -116,44 +116,23 @@ def proxied(s: Server, cpus: str, inflight: int, queue_ms: int, work: Path) -> I
         proc.wait(10)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def started(
     tree: Path, entry: str, repository: Path, args: list[str], cpus: str, work: Path
 ) -> Iterator[Server]:
     """`python -m <entry>` of the source `tree` (this checkout, or another commit's) pinned to
-    `cpus`, stopped with SIGTERM at the end."""
-    port, mport = free_port(), free_port()
+    `cpus`, stopped with SIGTERM at the end (serving_bench.started)."""
+    port, mport = sb.free_port(), sb.free_port()
     log = work / f"server-{port}.log"
-    repository = repository.resolve()  # the server runs in `tree`
     cmd = ["taskset", "-c", cpus, sys.executable, "-m", entry]
-    cmd += ["--model-repository", str(repository), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--metrics-host", "127.0.0.1", "--metrics-port", str(mport), "--poll-interval", "0"]
-    cmd += args
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            cmd, cwd=tree, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    s = Server(proc, port, f"http://127.0.0.1:{mport}/metrics", log)
-    try:
+    cmd += ["--model-repository", str(repository.resolve()), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", str(mport)]
+    cmd += ["--poll-interval", "0", *args]
+    system = sb.System(entry, "convserve", cmd, (), env={"PYTHONPATH": str(tree)}, cwd=tree)
+    with sb.started(system, port, log) as proc:
+        s = Server(proc, port, f"http://127.0.0.1:{mport}/metrics", log)
         wait_serving(s)
         yield s
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_serving(s: Server, timeout: float = 90.0) -> None:

@@ -110,6 +110,7 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     listeners: int = 1  # processes that must say "listening on" before load starts
     checks_answers: bool = True  # the empty server answers without looking
+    cwd: Path = ROOT  # where it starts (`python -m` imports from here first)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -346,7 +347,7 @@ def started(system: System, port: int, log: Path) -> Iterator[subprocess.Popen]:
     with open(log, "w") as f:
         proc = subprocess.Popen(
             system.command,
-            cwd=ROOT,
+            cwd=system.cwd,
             stdout=f,
             stderr=subprocess.STDOUT,
             env={**os.environ, **system.env},

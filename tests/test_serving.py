@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -436,20 +437,28 @@ def test_full_queue_sheds_with_resource_exhausted(model_repository, fashion_test
         assert_answers_first_image(stub, fashion_test, ort_probs)  # served again once drained
 
 
+def queue_600_rows(s, stub, fashion_test) -> tuple[list, Callable[[], bool]]:
+    """Two 300-image Predicts sent to a server batching one row at a time, once they queue;
+    and a test of whether rows are still queued."""
+    counted = {"model": MODEL, "version": "1"}
+    big = [
+        stub.Predict.future(
+            pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:300]])
+        )
+        for _ in range(2)
+    ]
+    queued = lambda: s.value("convserve_queue_depth", **counted) > 0  # noqa: E731
+    wait_for("the big requests to queue", queued, every=0.001)
+    return big, queued
+
+
 def test_expired_deadlines_never_run(model_repository, fashion_test):
     counted = {"model": MODEL, "version": "1"}
     # Admitted to the queue, then expired there (shedding at admission would refuse them).
     plain_queue = {"max_batch_size": 1, "max_images_per_request": 300, "shed_by_deadline": False}
     with serving(model_repository, **plain_queue) as s:
         stub = pb_grpc.ClassifierStub(s.channel())
-        big = [
-            stub.Predict.future(
-                pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:300]])
-            )
-            for _ in range(2)
-        ]
-        queued = lambda: s.value("convserve_queue_depth", **counted) > 0  # noqa: E731
-        wait_for("the big requests to queue", queued, every=0.001)
+        big, queued = queue_600_rows(s, stub, fashion_test)
         expired = 0
         for _ in range(10):  # each waits behind up to 600 single-row runs: its deadline passes
             try:
@@ -529,14 +538,7 @@ def test_a_call_the_queue_would_make_late_is_refused_at_once_and_never_queued(
         stub = pb_grpc.ClassifierStub(s.channel())
         one = pb.PredictRequest(images=[tensor(fashion_test.images[0])])
         stub.Predict(one)  # the batcher learns what a run costs
-        big = [
-            stub.Predict.future(
-                pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:300]])
-            )
-            for _ in range(2)
-        ]
-        queued = lambda: s.value("convserve_queue_depth", **counted) > 0  # noqa: E731
-        wait_for("the big requests to queue", queued, every=0.001)
+        big, queued = queue_600_rows(s, stub, fashion_test)
         codes = []
         for _ in range(10):  # up to 600 single-row runs ahead of each: far beyond 5 ms
             try:
