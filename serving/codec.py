@@ -155,11 +155,26 @@ def tensor_to_image(dtype: str, shape: tuple[int, ...], data: bytes, spec: Input
     return float_to_uint8(arr)
 
 
+# A float32 pixel further than this from a whole value is not a pixel value: most likely
+# 0..1 floats (torchvision's ToTensor), which rounding would make a black-and-white image.
+WHOLE_PIXEL_TOLERANCE = 1e-3
+
+
 def float_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Float pixel values (0..255) -> uint8, refusing NaN, Inf and out-of-range values."""
+    """Whole float pixel values (0..255) -> uint8, refusing NaN, Inf, out-of-range values and
+    fractions."""
     if not np.isfinite(arr).all():
         raise InvalidInput("float32 tensor contains NaN or Inf")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < 0.0 or hi > 255.0:
         raise InvalidInput(f"float32 pixel values must lie in 0..255, got {lo:g}..{hi:g}")
-    return np.rint(arr).astype(np.uint8)
+    whole = np.rint(arr)
+    off = np.abs(arr - whole)
+    worst = int(off.argmax())
+    if off.flat[worst] > WHOLE_PIXEL_TOLERANCE:
+        raise InvalidInput(
+            f"float32 pixel values must be whole values 0..255 (got {arr.flat[worst]:g}): send "
+            "unnormalised pixels, not 0..1 floats such as torchvision's ToTensor gives, or "
+            "send uint8"
+        )
+    return whole.astype(np.uint8)

@@ -2,7 +2,8 @@
 HTTP next) converts its wire format to and from.
 
 A V2 request names a model and an optional version (a string of ASCII digits), carries one
-input tensor `images` (UINT8 or FP32, NCHW) as raw little-endian bytes or as typed values,
+input tensor `images` (the model's datatype, UINT8, NCHW; anything else is refused, as the
+protocol asks) as raw little-endian bytes or as typed values,
 and may ask for `logits` and/or `probabilities`, each optionally through the classification
 extension (the top k classes as "<value>:<index>:<label>" strings, best first).
 """
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving import __version__
-from serving.codec import float_to_uint8
 from serving.contract import INPUT_NAME, OUTPUT_NAMES, InputSpec
 from serving.errors import InvalidInput, ModelNotFound
 
@@ -23,7 +23,7 @@ SERVER_NAME = "convserve"
 SERVER_VERSION = __version__
 EXTENSIONS = ("classification",)
 PLATFORM = "onnxruntime_onnx"
-DATATYPES = {"UINT8": 1, "FP32": 4}  # input datatypes taken, and their item sizes
+INPUT_DATATYPE = "UINT8"  # the model's input, as model_metadata says
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def model_metadata(
         name=name,
         versions=tuple(str(v) for v in versions),
         platform=PLATFORM,
-        inputs=(TensorMetadata(INPUT_NAME, "UINT8", (-1, *spec.shape)),),
+        inputs=(TensorMetadata(INPUT_NAME, INPUT_DATATYPE, (-1, *spec.shape)),),
         outputs=tuple(TensorMetadata(n, "FP32", (-1, num_classes)) for n in OUTPUT_NAMES),
     )
 
@@ -138,18 +138,19 @@ def input_rows(request: InferRequest, spec: InputSpec, max_images: int) -> np.nd
         raise InvalidInput(f"input 'images' has batch size {n}")
     if n > max_images:
         raise InvalidInput(f"request has {n} images; the limit is {max_images}")
-    itemsize = DATATYPES.get(t.datatype)
-    if itemsize is None:
-        raise InvalidInput(f"input 'images' datatype must be UINT8 or FP32, got {t.datatype}")
-    expected = n * spec.nbytes * itemsize
+    if t.datatype != INPUT_DATATYPE:
+        dims = ", ".join(map(str, (-1, *spec.shape)))
+        raise InvalidInput(
+            f"input 'images' must be {INPUT_DATATYPE} with shape [{dims}] (the model's "
+            f"metadata), got {clip(t.datatype)}"
+        )
+    expected = n * spec.nbytes
     if len(data) != expected:
         raise InvalidInput(
             f"input 'images' holds {len(data)} bytes; shape {list(shape)} of {t.datatype} "
             f"needs {expected}"
         )
-    if t.datatype == "UINT8":
-        return np.frombuffer(data, dtype=np.uint8).reshape(shape)
-    return float_to_uint8(np.frombuffer(data, dtype="<f4").reshape(shape))
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _raw_bytes(t: InferInput) -> bytes:

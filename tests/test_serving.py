@@ -373,6 +373,40 @@ def test_v2_bad_tensors_get_invalid_argument(server, fashion_test):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_v2_refuses_a_datatype_other_than_the_models_naming_it(server, fashion_test):
+    """FP32 for the model's UINT8 input is refused, raw or typed, as Triton and the Open
+    Inference Protocol do; the message names the datatype and shape the model takes."""
+    stub = v2_grpc.GRPCInferenceServiceStub(server.channel())
+    x = fashion_test.images[:2].astype(np.float32)  # whole pixel values: still refused
+    raw = v2.ModelInferRequest(model_name=MODEL, raw_input_contents=[x.tobytes()])
+    raw.inputs.add(name="images", datatype="FP32", shape=list(x.shape))
+    typed = v2.ModelInferRequest(model_name=MODEL)
+    t = typed.inputs.add(name="images", datatype="FP32", shape=list(x.shape))
+    t.contents.fp32_contents.extend(x.ravel().tolist())
+    for r in (raw, typed):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(r)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must be UINT8 with shape [-1, 1, 28, 28]" in err.value.details()
+        assert "got FP32" in err.value.details()
+
+
+def test_fractional_float_pixels_are_refused_and_whole_ones_taken(server, fashion_test):
+    """0..1 floats (torchvision's ToTensor) would round to a black-and-white image: refused,
+    saying what to send; whole-valued floats are pixels (test_raw_uint8_and_float32...)."""
+    stub = pb_grpc.ClassifierStub(server.channel())
+    x = np.minimum(fashion_test.images[0], 254).astype(np.float32)  # room for + 0.25
+    for floats in (x / 255, x + 0.25):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(pb.PredictRequest(images=[tensor(floats, pb.FLOAT32)]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must be whole values 0..255" in err.value.details()
+        assert "ToTensor" in err.value.details()
+    nearly = x + np.float32(0.0005)  # within 1e-3 of a whole value: a pixel
+    resp = stub.Predict(pb.PredictRequest(images=[tensor(nearly, pb.FLOAT32)]))
+    assert len(resp.predictions) == 1
+
+
 def test_v2_names_the_missing_model_before_judging_its_tensors(server, fashion_test):
     """A request for a model that is not served gets NOT_FOUND, however bad its tensors:
     the model is resolved before its input is read."""
