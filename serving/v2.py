@@ -154,16 +154,16 @@ def input_rows(request: InferRequest, spec: InputSpec, max_images: int) -> np.nd
 
 
 def _raw_bytes(t: InferInput) -> bytes:
-    if t.data is None:
+    """The tensor's bytes. Typed values of another datatype are never read: input_rows
+    refuses that datatype before it looks at the bytes."""
+    if t.data is None or t.datatype != INPUT_DATATYPE:
         return b""
     if isinstance(t.data, bytes):
         return t.data
-    if t.datatype == "UINT8":
-        values = np.asarray(t.data, dtype=np.int64)
-        if values.size and (values.min() < 0 or values.max() > 255):
-            raise InvalidInput("UINT8 contents must lie in 0..255")
-        return values.astype(np.uint8).tobytes()
-    return np.asarray(t.data, dtype="<f4").tobytes()
+    values = np.asarray(t.data, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise InvalidInput("UINT8 contents must lie in 0..255")
+    return values.astype(np.uint8).tobytes()
 
 
 def requested_outputs(outputs: Sequence[RequestedOutput]) -> list[RequestedOutput]:

@@ -131,11 +131,11 @@ class Attempts:
     """The tries of one unary call under `retry`, all inside `timeout` seconds from now
     (None: no deadline). The clients' loops differ only in how they wait."""
 
-    def __init__(self, retry: Retry, timeout: float | None, throttle: Throttle | None = None):
+    def __init__(self, retry: Retry, timeout: float | None, throttle: Throttle):
         self.retry = retry
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.attempt = 0
-        self.throttle = throttle or Throttle(retry)
+        self.throttle = throttle  # the client's: a fresh one per call would never throttle
 
     def timeout(self) -> float | None:
         """The next try's timeout: what is left of the deadline. PredictionError when none
