@@ -158,6 +158,11 @@ def mtls_workers(repo, tmp_path_factory) -> Iterator[Secured]:
     with _serving_process(
         repo, d, *("--workers", "2", "--intra-op-threads", "1", "--poll-interval", "0"), *tls
     ) as (server, health):
+        # Health answers once one worker is up; the other may still be starting and would
+        # read certificate files a test rewrites meanwhile. Both have read theirs once each
+        # says it is listening.
+        both = lambda: server.log().count("listening on") >= 2  # noqa: E731
+        wait_for("both workers to listen", both, timeout=60, every=0.05)
         yield Secured(server, health, d, ca, client_cert=client)
 
 
