@@ -29,10 +29,22 @@ demo: install data  ## train (short), export, serve, classify test images over g
 
 TRITON_VENV := .venv-tritonclient
 
+TRITON_STAMP := $(TRITON_VENV)/.installed-grpc-http
+
 # tritonclient in a venv of its own: it declares its own `inference` protos and wants protobuf<7.
-$(TRITON_VENV)/.installed:
+# Its packages are tests/conftest.py's TRITON_PACKAGES (the fixture makes the venv when missing).
+$(TRITON_STAMP):
 	$(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/pip install -q 'tritonclient[grpc]==2.73.0' numpy
+	$(TRITON_VENV)/bin/pip install -q 'tritonclient[grpc,http]==2.73.0' numpy
+	touch $@
+
+KSERVE_VENV := .venv-kserve
+
+# The KServe Python SDK, whose REST client the HTTP tests drive: it pins protobuf < 7.
+# Its packages are tests/conftest.py's KSERVE_PACKAGES.
+$(KSERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install -q 'kserve==0.21.0'
 	touch $@
 
 CHECKOV_VENV := .venv-checkov
@@ -53,7 +65,7 @@ system-deps:  ## the Debian packages the tests run (prometheus, chromium, podman
 images:  ## build the CPU serving and trainer images (docker or podman)
 	bash scripts/images.sh serving train
 
-test: system-deps install data $(TRITON_VENV)/.installed $(CHECKOV_VENV)/.installed  ## the whole test suite
+test: system-deps install data $(TRITON_STAMP) $(KSERVE_VENV)/.installed $(CHECKOV_VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q
 
 # The edit-test loop: every test not marked slow (no images, real Prometheus, extra venvs,

@@ -6,6 +6,8 @@ RUN=${DEMO_DIR:-runs/demo}
 EPOCHS=${DEMO_EPOCHS:-2}
 PORT=${DEMO_PORT:-50051}
 METRICS_PORT=${DEMO_METRICS_PORT:-8000}
+HTTP_PORT=${DEMO_HTTP_PORT:-8080}
+KEEP=${DEMO_KEEP:-0}  # 1: keep serving at the end (the page stays up) until Ctrl-C
 N_IMAGES=${DEMO_IMAGES:-1000}
 PY=$VENV/bin/python
 rm -rf "$RUN"
@@ -28,10 +30,10 @@ for i in range(n):
     Image.fromarray(test.images[i, 0]).save(folder / f"{i:05d}.png")
 PYEOF
 
-echo "== 3. start cnn-serve on port $PORT (metrics on $METRICS_PORT)"
+echo "== 3. start cnn-serve on port $PORT (HTTP on $HTTP_PORT, metrics on $METRICS_PORT)"
 "$VENV/bin/cnn-serve" --model-repository "$RUN/models" --port "$PORT" \
-  --metrics-port "$METRICS_PORT" --host 127.0.0.1 --metrics-host 127.0.0.1 \
-  >"$RUN/server.log" 2>&1 &
+  --http-port "$HTTP_PORT" --metrics-port "$METRICS_PORT" --host 127.0.0.1 \
+  --metrics-host 127.0.0.1 >"$RUN/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 if ! "$PY" -m serving.probe "127.0.0.1:$PORT" --wait 60 >/dev/null; then
@@ -44,7 +46,24 @@ echo "== 4. classify them over gRPC with cnn-predict"
 head -5 "$RUN/predictions.tsv"
 echo "   ... all $N_IMAGES predictions in $RUN/predictions.tsv"
 
-echo "== 5. stop the server (SIGTERM: drain, exit 0)"
+echo "== 5. classify one over HTTP (KServe V2's REST peers: curl, tritonclient.http)"
+IMAGE=$(find "$RUN/test-images" -name '*.png' | sort | head -1)
+"$PY" - "http://127.0.0.1:$HTTP_PORT/v1/models/fashion-mnist/predict?top_k=1" "$IMAGE" <<'PYEOF'
+import json, sys, urllib.request
+body = open(sys.argv[2], "rb").read()
+answer = json.load(urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=body)))
+best = answer["predictions"][0]["classes"][0]
+print(f"   POST {sys.argv[2]} -> {best['label']} ({best['probability']:.3f})")
+PYEOF
+echo "   try the model in a browser: http://127.0.0.1:$HTTP_PORT/"
+if [ "$KEEP" = 1 ]; then
+  echo "   (serving until Ctrl-C)"
+  trap 'kill -TERM $SERVER; wait $SERVER' INT
+  wait $SERVER || true
+  exit 0
+fi
+
+echo "== 6. stop the server (SIGTERM: drain, exit 0; DEMO_KEEP=1 keeps it up for the page)"
 kill -TERM $SERVER
 wait $SERVER
 trap - EXIT

@@ -16,6 +16,7 @@ NEEDED=(
   "/usr/lib/cni/dnsname|golang-github-containernetworking-plugin-dnsname|Compose services find each other by name"
   "h2load|nghttp2-client|open-loop gRPC load at a fixed rate for the overload tests"
   "/usr/sbin/haproxy|haproxy|deploy/haproxy: admission in front of the server under overload"
+  "curl|curl|the HTTP tests call the REST API the way the README shows, with curl"
 )
 
 missing=()

@@ -14,8 +14,8 @@ against every entry without stopping at a match, so timing tells neither a prefi
 nor which entry matched. The file is re-read when it changes (checked at most once a
 second) and on SIGHUP; a file that cannot be read or parsed keeps the previous tokens.
 
-Which method belongs to which group, and the gRPC interceptor that enforces it, are the
-gRPC front end's (serving.grpc.auth); this module knows tokens and groups only.
+Which method belongs to which group, and how a refusal is sent, are each front end's
+(serving.grpc.auth, serving.http.server); the decision (`Gate`) is made here, once.
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("convserve.auth")
 
 GROUPS = ("inference", "metadata", "health", "reflection")
 RECHECK_S = 1.0  # how often (at most) the token file's mtime is looked at
+LOG_EVERY_S = 10.0  # at most one refusal log line per this many seconds
+UNAUTHENTICATED = "UNAUTHENTICATED"  # no token, or an unknown one
+PERMISSION_DENIED = "PERMISSION_DENIED"  # a known token that does not grant the group
 
 
 class TokenFileError(ValueError):
@@ -114,3 +118,50 @@ class TokenTable:
             if hmac.compare_digest(presented, digest):
                 found = groups
         return found
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value (None when it is not one)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class Gate:
+    """Which calls pass: those of an open group, and those whose bearer token grants the
+    group. Refusals are counted by group and code, and logged at most once per LOG_EVERY_S
+    however fast they come."""
+
+    def __init__(self, tokens: TokenTable, open_groups: frozenset[str], failures: Any):
+        self.tokens = tokens
+        self.open_groups = open_groups
+        self._failures = failures  # a Counter labelled (group, code)
+        self._next_log = 0.0
+        self._unlogged = 0
+
+    def refusal(self, group: str | None, token: str | None) -> str | None:
+        """None when the call may pass; else UNAUTHENTICATED or PERMISSION_DENIED."""
+        if group in self.open_groups:
+            return None
+        grants = self.tokens.grants(token) if token else None
+        if grants is None:
+            return UNAUTHENTICATED
+        return None if group in grants else PERMISSION_DENIED
+
+    def refused(self, what: str, group: str | None, code: str) -> None:
+        self._failures.labels(group or "none", code).inc()
+        self._unlogged += 1
+        now = time.monotonic()
+        if now >= self._next_log:
+            log.warning(
+                "refused %s with %s (%d refusal(s) since the last such line; at most one "
+                "line per %.0fs)",
+                what[:200],
+                code,
+                self._unlogged,
+                LOG_EVERY_S,
+            )
+            self._next_log = now + LOG_EVERY_S
+            self._unlogged = 0

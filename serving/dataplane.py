@@ -25,6 +25,7 @@ from serving.codec import NeedsThread, PixelBudget, decode_image, tensor_to_imag
 from serving.contract import InputSpec, Manifest
 from serving.errors import DeadlineExceeded, Draining, InvalidInput, ModelNotFound, Overloaded
 from serving.model import ModelVersion
+from serving.ranking import top_k
 from serving.repository import ModelRepository
 
 # Decoding this many encoded bytes inline would stall the event loop; hand it to a thread.
@@ -111,6 +112,7 @@ class ModelInfo:
     provider: str
     requested_device: str
     max_batch_size: int
+    stages: tuple[str, ...] = ()  # conv stages whose activation maps Explain can return
 
     @property
     def spec(self) -> InputSpec:
@@ -198,7 +200,13 @@ class DataPlane:
             provider=mv.session.provider,
             requested_device=mv.session.requested_device,
             max_batch_size=mv.batcher.config.max_batch_size,
+            stages=tuple(mv.stages),
         )
+
+    def index(self) -> list[tuple[str, int]]:
+        """Every (model, version) being served, by name then version."""
+        r = self.repository
+        return [(name, v) for name in sorted(r.names()) for v in r.versions(name)]
 
     def model_metadata(self, name: str, version: int | None) -> v2.ModelMetadata:
         mv = self.model(name, version)
@@ -382,17 +390,3 @@ def stack_uint8(images: Sequence[ImageInput], spec: InputSpec) -> np.ndarray | N
     out = np.empty((len(payloads), *spec.shape), dtype=np.uint8)
     out.reshape(-1)[:] = np.frombuffer(b"".join(payloads), dtype=np.uint8)
     return out
-
-
-def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and probabilities of the k most likely classes per row, most likely first."""
-    k = min(k, probabilities.shape[1])
-    if k == 1:  # the common case: no partition, no fancy take_along_axis
-        best = probabilities.argmax(axis=1)
-        rows = np.arange(len(best))
-        return best[:, None], probabilities[rows, best][:, None]
-    else:
-        part = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(probabilities, part, axis=1).argsort(axis=1)[:, ::-1]
-        idx = np.take_along_axis(part, order, axis=1)
-    return idx, np.take_along_axis(probabilities, idx, axis=1)

@@ -85,17 +85,18 @@ class Metrics:
         self.enabled = enabled
         # Labelled children of the per-request metrics, resolved once per label set:
         # `.labels()` costs a lock and a dict lookup on every request otherwise.
-        self._request_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             "convserve_requests_total",
-            "RPCs handled, by method and gRPC status code.",
-            ["method", "code"],
+            "Calls handled, by method, status code (gRPC's name, or the HTTP status) and "
+            "protocol (grpc or http).",
+            ["method", "code", "protocol"],
             registry=r,
         )
         self.request_latency = Histogram(
             "convserve_request_duration_seconds",
-            "End-to-end RPC latency in the server, from handler start to response.",
-            ["method"],
+            "End-to-end call latency in the server, from handler start to response.",
+            ["method", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -150,7 +151,7 @@ class Metrics:
         )
         self.inflight = Gauge(
             "convserve_inflight_requests",
-            "RPCs being handled right now.",
+            "Calls (gRPC and HTTP) being handled right now.",
             registry=r,
             multiprocess_mode="livesum",
         )
@@ -162,7 +163,7 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "convserve_auth_failures_total",
-            "RPCs refused by token auth, by endpoint group ('none': a method in no group) "
+            "Calls refused by token auth, by endpoint group ('none': a method in no group) "
             "and status code (UNAUTHENTICATED or PERMISSION_DENIED).",
             ["group", "code"],
             registry=r,
@@ -255,15 +256,16 @@ class Metrics:
                     setattr(self, name, _OFF)
         self.update_process()
 
-    def request_done(self, method: str, code: str, seconds: float) -> None:
-        """Count one RPC by method and status code and observe its latency."""
-        children = self._request_children.get((method, code))
+    def request_done(self, method: str, code: str, seconds: float, protocol: str = "grpc") -> None:
+        """Count one call by method, status code and protocol and observe its latency."""
+        key = (method, code, protocol)
+        children = self._request_children.get(key)
         if children is None:
             children = (
-                self.requests.labels(method, code),
-                self.request_latency.labels(method),
+                self.requests.labels(method, code, protocol),
+                self.request_latency.labels(method, protocol),
             )
-            self._request_children[(method, code)] = children
+            self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
 
@@ -321,17 +323,19 @@ class ModelObserver(BatchObserver):
 
 
 class RequestTimer:
-    """Counts an RPC by method and status code and observes its latency."""
+    """Counts a call by method, status code and protocol and observes its latency."""
 
-    __slots__ = ("_metrics", "_start", "method")
+    __slots__ = ("_metrics", "_start", "method", "protocol")
 
-    def __init__(self, metrics: Metrics, method: str):
+    def __init__(self, metrics: Metrics, method: str, protocol: str = "grpc"):
         self._metrics = metrics
         self.method = method
+        self.protocol = protocol
         self._start = time.perf_counter()
 
     def done(self, code: str) -> None:
-        self._metrics.request_done(self.method, code, time.perf_counter() - self._start)
+        elapsed = time.perf_counter() - self._start
+        self._metrics.request_done(self.method, code, elapsed, self.protocol)
 
 
 class MetricsEvents(RepositoryEvents):

@@ -28,6 +28,8 @@ from serving.dataplane import DataPlane
 from serving.errors import DeviceUnavailable
 from serving.grpc import server as grpc_front
 from serving.grpc.tls import CertificateStore
+from serving.http import server as http_front
+from serving.http.tls import ServerContext
 from serving.metrics import Metrics, MetricsEvents
 from serving.repository import ModelRepository
 from serving.settings import EVENT_LOOPS, ServerSettings
@@ -43,9 +45,11 @@ log = logging.getLogger("convserve.server")
 
 @dataclass
 class Access:
-    """TLS certificates and auth tokens of one server: both re-read on change or SIGHUP."""
+    """TLS certificates (for each port that serves calls) and auth tokens of one server:
+    all re-read on change or SIGHUP."""
 
     certificates: CertificateStore | None
+    http_tls: ServerContext | None
     tokens: TokenTable | None
 
     @classmethod
@@ -53,15 +57,17 @@ class Access:
         """Read and check the files; TLSError or TokenFileError refuses to start."""
         files = settings.tls_files
         tokens = settings.auth_token_file
+        http_tls = ServerContext(files) if files and settings.http_port else None
         return cls(
-            CertificateStore(files) if files else None, TokenTable(tokens) if tokens else None
+            CertificateStore(files) if files else None,
+            http_tls,
+            TokenTable(tokens) if tokens else None,
         )
 
     def reload(self) -> None:
-        if self.certificates is not None:
-            self.certificates.reload()
-        if self.tokens is not None:
-            self.tokens.reload()
+        for store in (self.certificates, self.http_tls, self.tokens):
+            if store is not None:
+                store.reload()
 
 
 @dataclass
@@ -73,6 +79,7 @@ class App:
     repository: ModelRepository
     plane: DataPlane
     front: grpc_front.GrpcFront
+    http: http_front.HttpFront | None  # --http-port 0: none
     access: Access
     decode_executor: concurrent.futures.ThreadPoolExecutor
     _watch_task: asyncio.Task | None = None
@@ -82,6 +89,12 @@ class App:
         await self.repository.start()
         await self.front.set_serving(self.plane.ready)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def listen(self) -> None:
+        """Take calls on every port (gRPC, and HTTP unless it is off)."""
+        await self.front.start()
+        if self.http is not None:
+            await self.http.start()
 
     async def _watch(self) -> None:
         # Health follows the repository (a model may load later); process gauges refresh.
@@ -105,7 +118,12 @@ class App:
         window = min(timeout / 2, SETTLE_MAX_S)
         if window > 0 and not await self.plane.settle(window):
             log.info("calls still arriving after %.1fs of refusing them; stopping", window)
-        await self.front.stop(max(0.0, timeout - (time.monotonic() - t0)))
+        # The HTTP server waits for its running calls up to the drain timeout (its runner's
+        # shutdown_timeout); both fronts stop together.
+        stops = [self.front.stop(max(0.0, timeout - (time.monotonic() - t0)))]
+        if self.http is not None:
+            stops.append(self.http.stop())
+        await asyncio.gather(*stops)
         await self.repository.close(timeout=1.0)
         if self._watch_task is not None:
             self._watch_task.cancel()
@@ -131,7 +149,16 @@ async def create_server(
         await repository.close(timeout=0)
         decode_executor.shutdown(wait=False)
         raise
-    app = App(settings, metrics, repository, plane, front, access, decode_executor)
+    http = None
+    if settings.http_port:
+        try:
+            http = await http_front.build(settings, plane, metrics, access.http_tls, access.tokens)
+        except BaseException:
+            await front.stop(0)
+            await repository.close(timeout=0)
+            decode_executor.shutdown(wait=False)
+            raise
+    app = App(settings, metrics, repository, plane, front, http, access, decode_executor)
     return front.server, front.port, app
 
 
@@ -147,9 +174,9 @@ async def serve(settings: ServerSettings, registry: CollectorRegistry | None = N
         if settings.reuse_port:
             # A worker sharing the port must not take connections before its models are warm.
             await app.start()
-            await app.front.start()
+            await app.listen()
         else:
-            await app.front.start()  # health answers NOT_SERVING while models load
+            await app.listen()  # health answers NOT_SERVING while models load
             await app.start()
     except BaseException:  # e.g. --device cuda where CUDA cannot run: close what is open
         await app.drain(0)
@@ -161,6 +188,10 @@ async def serve(settings: ServerSettings, registry: CollectorRegistry | None = N
         os.getpid(),
         type(loop).__module__.split(".")[0],
     )
+    if app.http is not None:
+        scheme = "https" if app.access.http_tls else "http"
+        page = " (the try-it page at /)" if settings.ui else ""
+        log.info("HTTP on %s://%s:%d%s", scheme, settings.host, app.http.port, page)
     if not app.repository.ready:
         log.error(
             "no model is loaded yet from %s (%s)",

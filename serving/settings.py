@@ -54,8 +54,14 @@ class ServerSettings:
         flag="model",
         metavar="NAME[:V,V]",
     )
-    host: str = option("0.0.0.0", "gRPC bind address")
+    host: str = option("0.0.0.0", "gRPC and HTTP bind address")
     port: int = option(50051, "gRPC port (0: any free port)", minimum=0)
+    http_port: int = option(
+        8080,
+        "HTTP port on --host: KServe V2 REST, convserve.v1 as REST and the try-it page (0: off)",
+        minimum=0,
+    )
+    ui: bool = option(True, "serve the try-it page at GET / on the HTTP port (--no-ui: off)")
     metrics_host: str = option("0.0.0.0", "Prometheus /metrics bind address")
     metrics_port: int = option(8000, "Prometheus /metrics port (0: off)", minimum=0)
     metrics: bool = option(
@@ -110,7 +116,9 @@ class ServerSettings:
         "info", "debug | info | warning | error", choices=LOG_LEVELS, parse=str.lower
     )
     # Transport and access (SECURITY.md). No certificate: plaintext. No token file: no auth.
-    tls_cert: Path | None = option(None, "server certificate chain (PEM): TLS on the gRPC port")
+    tls_cert: Path | None = option(
+        None, "server certificate chain (PEM): TLS on the gRPC and HTTP ports"
+    )
     tls_key: Path | None = option(None, "private key (PEM) of --tls-cert")
     tls_client_ca: Path | None = option(
         None, "CA (PEM) that must sign client certificates (mutual TLS)"

@@ -120,6 +120,8 @@ def run_parent(settings: ServerSettings) -> int:
         port = stack.enter_context(reserve_port(settings.host, settings.port))
         if settings.health_port:  # the workers share the probe port the same way
             stack.enter_context(reserve_port(settings.host, settings.health_port))
+        if settings.http_port:  # and the HTTP port
+            stack.enter_context(reserve_port(settings.host, settings.http_port))
         if settings.metrics_listener:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=str(mp_dir))

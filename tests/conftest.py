@@ -7,6 +7,7 @@ The names are a contract between test files (export, serving, metrics, client):
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.serving_helpers import ROOT
+
+# `cnn-serve` processes the tests start inherit this: no HTTP port (its default, 8080, would
+# be shared by every server of the suite). A test that serves HTTP passes --http-port.
+os.environ["CONVSERVE_HTTP_PORT"] = "0"
 
 # A small stride-2 CNN: two epochs reach about 0.89 test accuracy in well under a minute on
 # 2 CPU cores (no augmentation, no EMA, plain NCHW; the validation split picks best.pt).
@@ -59,6 +64,8 @@ def model_repository(fashion_run, tmp_path_factory) -> Path:
 
 
 TRITON_VENV = ROOT / ".venv-tritonclient"
+TRITON_STAMP = TRITON_VENV / ".installed-grpc-http"  # the Makefile's stamp: keep them equal
+TRITON_PACKAGES = ("tritonclient[grpc,http]==2.73.0", "numpy")
 
 
 @pytest.fixture(scope="session")
@@ -66,11 +73,28 @@ def tritonclient_python() -> str:
     """tritonclient lives in its own venv (it ships its own `inference` protos and wants
     protobuf < 7); `make test` creates it, and so does this fixture when it is missing."""
     python = TRITON_VENV / "bin" / "python"
-    if not (TRITON_VENV / ".installed").exists():
+    if not TRITON_STAMP.exists():
         subprocess.run([sys.executable, "-m", "venv", str(TRITON_VENV)], check=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]==2.73.0", "numpy"],
+            [str(python), "-m", "pip", "install", "-q", *TRITON_PACKAGES],
             check=True,
         )
-        (TRITON_VENV / ".installed").touch()
+        TRITON_STAMP.touch()
+    return str(python)
+
+
+KSERVE_VENV = ROOT / ".venv-kserve"
+KSERVE_STAMP = KSERVE_VENV / ".installed"  # the Makefile's stamp: keep them equal
+KSERVE_PACKAGES = ("kserve==0.21.0",)  # it pins protobuf < 7 (ours is 7): a venv of its own
+
+
+@pytest.fixture(scope="session")
+def kserve_python() -> str:
+    """The KServe Python SDK (its REST client) in its own venv; `make test` creates it, and so
+    does this fixture when it is missing (about a minute, 450 MB)."""
+    python = KSERVE_VENV / "bin" / "python"
+    if not KSERVE_STAMP.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(KSERVE_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *KSERVE_PACKAGES], check=True)
+        KSERVE_STAMP.touch()
     return str(python)

@@ -28,8 +28,9 @@ START_TIMEOUT = 120.0  # loading and warming every model of the repository
 
 
 def settings_for(repository: Path, **kw: Any) -> ServerSettings:
-    """cnn-serve's defaults, serving `repository` on a free loopback port, no /metrics port."""
-    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
+    """cnn-serve's defaults, serving `repository` on a free loopback port, no /metrics port
+    and no HTTP port (a test that wants one passes `http_port=free_port()`)."""
+    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0}
     return ServerSettings(model_repository=repository, **{**base, **kw})
 
 
@@ -70,9 +71,19 @@ class InProcessServer:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target)
 
+    @property
+    def url(self) -> str:
+        """The HTTP port's base URL (the settings must give an http_port)."""
+        assert self.app is not None and self.app.http is not None, "no HTTP port"
+        return f"http://{self.settings.host}:{self.app.http.port}"
+
     def value(self, name: str, **labels: str) -> float:
-        """The sample `name` with exactly these labels, 0 when it has not been recorded."""
-        return self.registry.get_sample_value(name, labels) or 0.0
+        """The samples `name` whose labels include these, summed (0 when none was recorded):
+        `value("convserve_requests_total", method="Predict", code="OK")` counts both
+        protocols."""
+        return sum(
+            v for got, v in self.samples(name) if all(got.get(k) == x for k, x in labels.items())
+        )
 
     def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
         """(labels, value) of every sample called `name` (for 'exactly these series')."""
@@ -148,8 +159,8 @@ class InProcessServer:
         self._stop = asyncio.Event()
         _, self.port, self.app = await create_server(self.settings, self.registry)
         try:
-            await self.app.start()  # models loaded and warmed before the port opens
-            await self.app.front.start()
+            await self.app.start()  # models loaded and warmed before the ports open
+            await self.app.listen()
         except BaseException:
             await self.app.drain(0)
             raise

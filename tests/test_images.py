@@ -126,6 +126,7 @@ class Container:
     name: str
     port: int = 0  # gRPC, on 127.0.0.1
     metrics_port: int = 0
+    http_port: int = 0
 
     @property
     def target(self) -> str:
@@ -174,10 +175,12 @@ def serving_container(
 ) -> Iterator[Container]:
     """The serving image run as its Dockerfile header says (read-only root, /tmp a tmpfs, the
     repository mounted read-only), on the host's network bound to 127.0.0.1 and free ports."""
-    c = Container(images["engine"], f"cs-test-{uuid.uuid4().hex[:8]}", free_port(), free_port())
+    name = f"cs-test-{uuid.uuid4().hex[:8]}"
+    c = Container(images["engine"], name, free_port(), free_port(), free_port())
     settings = {
         "CONVSERVE_HOST": "127.0.0.1",
         "CONVSERVE_PORT": str(c.port),
+        "CONVSERVE_HTTP_PORT": str(c.http_port),
         "CONVSERVE_METRICS_HOST": "127.0.0.1",
         "CONVSERVE_METRICS_PORT": str(c.metrics_port),
         **(env or {}),
@@ -282,6 +285,24 @@ def test_prometheus_with_the_shipped_config_scrapes_the_container_and_records_th
         assert prom.value('sum(convserve_requests_total{job="convserve",code="OK"})') >= 4
     finally:
         prom.stop()
+
+
+def test_the_containers_http_port_serves_kserve_v2_rest_and_the_page(serving, fashion_test):
+    base = f"http://127.0.0.1:{serving.http_port}"
+    with urllib.request.urlopen(base + "/v2/health/ready", timeout=10) as r:
+        assert json.load(r) == {"ready": True}
+    with urllib.request.urlopen(base + "/", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/html")
+    x = fashion_test.images[:2]
+    body = json.dumps(
+        {"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(x.shape),
+                     "data": x.ravel().tolist()}],
+         "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}
+    ).encode()  # fmt: skip
+    request = urllib.request.Request(base + "/v2/models/fashion-mnist/infer", data=body)
+    with urllib.request.urlopen(request, timeout=30) as r:
+        (out,) = json.load(r)["outputs"]
+    assert out["shape"] == [2, 1] and out["datatype"] == "BYTES"
 
 
 def test_the_images_healthcheck_command_passes_inside_the_container(images, serving):

@@ -511,5 +511,5 @@ def test_no_metrics_serves_and_records_nothing(model_repository, tmp_path):
     on = Metrics(registry)
     on.request_done("Predict", "OK", 0.001)
     on.request_done("Predict", "OK", 0.002)
-    labels = {"method": "Predict", "code": "OK"}
+    labels = {"method": "Predict", "code": "OK", "protocol": "grpc"}
     assert registry.get_sample_value("convserve_requests_total", labels) == 2

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +103,11 @@ def test_wheel_without_extras_serves_from_a_fresh_venv_without_torch(model_repos
     facts = json.loads(subprocess.check_output([py, "-c", check], cwd=tmp_path, text=True))
     assert facts == {"missing": [], "torch": False, "ort": "1.31.1"}, facts
 
-    port, mport = free_port(), free_port()
+    port, mport, hport = free_port(), free_port(), free_port()
     log_path = tmp_path / "fresh-venv-server.log"
     cmd = [venv / "bin" / "cnn-serve", "--model-repository", model_repository, "--host",
            "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1",
-           "--metrics-port", str(mport), "--device", "cpu"]  # fmt: skip
+           "--metrics-port", str(mport), "--device", "cpu", "--http-port", str(hport)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with open(log_path, "w") as log:
         # cwd outside the repository: the server must import convserve from the venv.
@@ -125,6 +126,9 @@ def test_wheel_without_extras_serves_from_a_fresh_venv_without_torch(model_repos
             assert pred.probability == pytest.approx(float(probs.max()), abs=1e-5)
         assert "convserve_requests_total" in server.metrics()
         assert "uvloop event loop" in server.log()  # the image's pinned uvloop is used
+        # The wheel carries the page (package data) and the HTTP front end's dependencies.
+        with urllib.request.urlopen(f"http://127.0.0.1:{hport}/", timeout=10) as r:
+            assert b"<title>convserve" in r.read()
     finally:
         assert server.stop() == 0, server.log()
 

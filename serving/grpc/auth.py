@@ -6,18 +6,13 @@ pay nothing for it.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from serving.auth import TokenTable
+from serving.auth import UNAUTHENTICATED, Gate, TokenTable, bearer_token
 from serving.metrics import Metrics
 
-log = logging.getLogger("convserve.auth")
-
-LOG_EVERY_S = 10.0  # at most one denial log line per this many seconds
 METHOD_GROUPS = {
     **{
         f"/convserve.v1.Classifier/{m}": "inference"
@@ -48,9 +43,7 @@ def group_of(method: str) -> str | None:
 def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+            return bearer_token(value)
     return None
 
 
@@ -78,47 +71,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Lets a call through when its group is open or its bearer token grants the group."""
 
     def __init__(self, tokens: TokenTable, open_groups: frozenset[str], metrics: Metrics):
-        self.tokens = tokens
-        self.open_groups = open_groups
-        self._failures = metrics.auth_failures
-        self._next_log = 0.0
-        self._unlogged = 0
+        self.gate = Gate(tokens, open_groups, metrics.auth_failures)
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         group = group_of(details.method)
-        if group in self.open_groups:
-            return await continuation(details)
-        token = _bearer(details.invocation_metadata)
-        grants = self.tokens.grants(token) if token else None
-        if grants is not None and group in grants:
+        refusal = self.gate.refusal(group, _bearer(details.invocation_metadata))
+        if refusal is None:
             return await continuation(details)
         # The refusal must be a handler of the real method's kind (a streaming one must not
         # wait for a first message the client may never send).
         handler = await continuation(details)
-        if grants is None:
+        if refusal == UNAUTHENTICATED:
             code, why = grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required"
         elif handler is None:
             return None  # a known caller, a method that does not exist: UNIMPLEMENTED
         else:
             code, why = grpc.StatusCode.PERMISSION_DENIED, "this token does not grant this method"
-        self._refused(details.method, group, code)
+        self.gate.refused(details.method, group, code.name)
         return _refusal(handler, code, why)
-
-    def _refused(self, method: str, group: str | None, code: grpc.StatusCode) -> None:
-        self._failures.labels(group or "none", code.name).inc()
-        # One line per LOG_EVERY_S at most, however fast the refusals come.
-        self._unlogged += 1
-        now = time.monotonic()
-        if now >= self._next_log:
-            log.warning(
-                "refused %s with %s (%d refusal(s) since the last such line; at most one "
-                "line per %.0fs)",
-                method[:200],
-                code.name,
-                self._unlogged,
-                LOG_EVERY_S,
-            )
-            self._next_log = now + LOG_EVERY_S
-            self._unlogged = 0
