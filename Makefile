@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install system-deps images proto data demo test test-fast fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-targets bench-cpu bench-metrics bench-arena overload soak clean
+.PHONY: install system-deps images proto data demo test test-fast fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-http bench-shm bench-targets bench-cpu bench-metrics bench-arena overload soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -111,12 +111,31 @@ $(TRITON_BENCH_VENV)/.installed:
 		"onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')" numpy
 	touch $@
 
+MLSERVER_BENCH_VENV := bench/.venv-mlserver
+
+# MLServer for the HTTP benchmark, in a venv of its own (its own protobuf, FastAPI, uvicorn),
+# with the same onnxruntime release as .venv. uvloop < 0.22: MLServer 1.7's parallel
+# inference workers call asyncio.get_event_loop() outside a loop, which uvloop 0.22 refuses.
+$(MLSERVER_BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(MLSERVER_BENCH_VENV)
+	$(MLSERVER_BENCH_VENV)/bin/pip install -q 'mlserver==1.7.1' 'uvloop==0.21.0' \
+		"onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')" numpy
+	touch $@
+
 $(VENV)/bin/py-spy: | $(STAMP)
 	$(PIP) install -q 'py-spy==0.4.3'
 
-bench-serving: install data $(TRITON_BENCH_VENV)/.installed $(VENV)/bin/py-spy  ## convserve vs ORT in-process, a naive server and Triton; writes bench/results/serving.{json,md} and latency_throughput.png
+bench-serving: install data $(TRITON_BENCH_VENV)/.installed $(MLSERVER_BENCH_VENV)/.installed $(VENV)/bin/py-spy  ## convserve vs ORT in-process, a naive server, Triton (gRPC) and then MLServer and Triton over HTTP; writes bench/results/serving.{json,md}, http.{json,md} and latency_throughput.png
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/serving_bench.py --out-dir bench/results $(BENCH_SERVING_ARGS)
+	$(PY) bench/http_bench.py --out bench/results $(BENCH_HTTP_ARGS)
+
+bench-http: install data $(TRITON_BENCH_VENV)/.installed $(MLSERVER_BENCH_VENV)/.installed  ## the HTTP part of bench-serving alone: convserve's HTTP port vs MLServer, Triton core and its own gRPC; writes bench/results/http.{json,md}
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(PY) bench/http_bench.py --out bench/results $(BENCH_HTTP_ARGS)
+
+bench-shm: install data  ## Triton's system shared memory vs raw_input_contents at 32 images per request; writes bench/results/shm.{json,md}
+	$(PY) bench/shm_bench.py --out bench/results $(BENCH_SHM_ARGS)
 
 bench-targets: install data $(TRITON_BENCH_VENV)/.installed  ## the serving targets: every system up at once, measured in turn over 5 rounds; writes bench/results/serving_targets.{json,md}
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)

@@ -61,6 +61,7 @@ class H2Result:
     requests_per_s: float
     latency_ms: dict[str, float]
     command: str
+    status_2xx: int = 0  # HTTP answers with a 2xx status (gRPC's failures are 200s too)
 
 
 def command(
@@ -107,7 +108,11 @@ def run(
 ) -> H2Result:
     """Keep `concurrency` streams in flight for `duration` s, after a separate `warmup` s run
     (h2load's own --warm-up-time counts the warm-up's bytes in its totals)."""
-    base = command(host, port, path, body, concurrency)
+    return measure(command(host, port, path, body, concurrency), duration, warmup, log)
+
+
+def measure(base: list[str], duration: float, warmup: float, log: Path) -> H2Result:
+    """Run the h2load command `base` for a `warmup` s (discarded), then `duration` s."""
     if warmup > 0:
         _h2load([*base, "-D", f"{round(warmup * 1000)}ms"], warmup)
     log.unlink(missing_ok=True)  # h2load appends to an existing log
@@ -118,7 +123,8 @@ def run(
         r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed", out
     )
     data = re.search(r"\((\d+)\) data", out)
-    if not (finished and reqs and data):
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not (finished and reqs and data and codes):
         raise RuntimeError(f"cannot read h2load's output:\n{out}")
     seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
     return H2Result(
@@ -130,6 +136,7 @@ def run(
         requests_per_s=float(finished.group(3)),
         latency_ms=log_percentiles(log),
         command=" ".join(f"'{c}'" if " " in c else c for c in cmd),
+        status_2xx=int(codes.group(1)),
     )
 
 

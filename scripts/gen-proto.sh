@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT"
 
-PROTOS=(convserve/v1/classifier.proto inference/grpc_predict_v2.proto)
+PROTOS=(convserve/v1/classifier.proto inference/model_config.proto inference/grpc_predict_v2.proto)
 
 # Start from empty package folders so code of a deleted .proto does not linger.
 rm -rf "$OUT/convserve" "$OUT/inference"

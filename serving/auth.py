@@ -30,7 +30,7 @@ from typing import Any
 
 log = logging.getLogger("convserve.auth")
 
-GROUPS = ("inference", "metadata", "health", "reflection")
+GROUPS = ("inference", "metadata", "health", "reflection", "admin")
 RECHECK_S = 1.0  # how often (at most) the token file's mtime is looked at
 LOG_EVERY_S = 10.0  # at most one refusal log line per this many seconds
 UNAUTHENTICATED = "UNAUTHENTICATED"  # no token, or an unknown one

@@ -38,7 +38,10 @@ class BatchObserver(Protocol):
 
     def queue_depth(self, rows: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
-    def batch(self, size: int, seconds: float) -> None: ...
+    # `requests`: how many requests the run served; `assembly`: seconds to build its input.
+    def batch(
+        self, size: int, seconds: float, requests: int = 1, assembly: float = 0.0
+    ) -> None: ...
     def dropped(self, rows: int, reason: str) -> None: ...
     def abandoned(self, rows: int) -> None: ...
 
@@ -46,7 +49,9 @@ class BatchObserver(Protocol):
 class _NullObserver:
     def queue_depth(self, rows: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
-    def batch(self, size: int, seconds: float) -> None: ...
+    def batch(
+        self, size: int, seconds: float, requests: int = 1, assembly: float = 0.0
+    ) -> None: ...
     def dropped(self, rows: int, reason: str) -> None: ...
     def abandoned(self, rows: int) -> None: ...
 
@@ -195,8 +200,8 @@ class Batcher:
         self._observe_run(len(rows), took)
         return out
 
-    def _observe_run(self, n: int, took: float) -> None:
-        self.observer.batch(n, took)
+    def _observe_run(self, n: int, took: float, requests: int = 1, assembly: float = 0.0) -> None:
+        self.observer.batch(n, took, requests, assembly)
         self._row_s = 0.8 * self._row_s + 0.2 * took / n if self._row_s else took / n
         self._run_s = 0.8 * self._run_s + 0.2 * took if self._run_s else took
         if n <= INLINE_MAX_ROWS:
@@ -291,7 +296,7 @@ class Batcher:
             try:
                 loop = asyncio.get_running_loop()
                 ran = loop.run_in_executor(self.executor, self._run_live, batch)
-                live, late, out, took = await ran
+                live, late, out, took, assembly = await ran
             except ServingError as exc:
                 self._fail(batch, exc)
                 return
@@ -302,27 +307,28 @@ class Batcher:
             self._expire(late)
             if out is None:
                 return
-            self._observe_run(sum(b - a for _, a, b in live), took)
+            self._observe_run(sum(b - a for _, a, b in live), took, len(live), assembly)
             self._deliver(live, out)
         finally:
             self._active -= 1
             self._slots.release()
 
-    def _run_live(self, batch: _Batch) -> tuple[_Batch, _Batch, np.ndarray | None, float]:
-        """Runs on the ORT thread: the last check before compute, then the run.
-        Returns (live parts, parts dropped here, output or None, seconds ORT took)."""
+    def _run_live(self, batch: _Batch) -> tuple[_Batch, _Batch, np.ndarray | None, float, float]:
+        """Runs on the ORT thread: the last check before compute, then the run. Returns
+        (live parts, parts dropped here, output or None, seconds ORT took, seconds spent
+        assembling its input)."""
         now = time.monotonic()
         live: _Batch = []
         late: _Batch = []
         for part in batch:
             (late if part[0].expired(now) else live).append(part)
         if not live:
-            return live, late, None, 0.0
+            return live, late, None, 0.0, 0.0
         parts = [req.rows[a:b] for req, a, b in live]
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         t0 = time.monotonic()
         out = self.run(x)
-        return live, late, out, time.monotonic() - t0
+        return live, late, out, time.monotonic() - t0, t0 - now
 
     def _expire(self, late: _Batch) -> None:
         """Parts the last check dropped: their request fails without being computed."""

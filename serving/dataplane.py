@@ -16,17 +16,21 @@ import concurrent.futures
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from serving import occlusion, v2
 from serving.codec import NeedsThread, PixelBudget, decode_image, tensor_to_image
-from serving.contract import InputSpec, Manifest
+from serving.contract import TRITON_CONFIG_FILE, InputSpec, Manifest
 from serving.errors import DeadlineExceeded, Draining, InvalidInput, ModelNotFound, Overloaded
+from serving.images import EncodedImage, ImageInput, RawTensor, stack_uint8
 from serving.model import ModelVersion
 from serving.ranking import top_k
 from serving.repository import ModelRepository
+from serving.shm import SharedMemory
+from serving.statistics import RequestClock
 
 # Decoding this many encoded bytes inline would stall the event loop; hand it to a thread.
 INLINE_DECODE_BYTES = 256 * 1024
@@ -47,24 +51,6 @@ class Limits:
     max_images_per_request: int
     max_explain_positions: int  # occlusion patch positions (forward passes - 1)
     shed_by_deadline: bool  # refuse at admission what the queue would make late
-
-
-# One image of a request. Slotted: a 32-image request makes 32 of them (350 against 550 ns
-# each as a NamedTuple).
-@dataclass(slots=True)
-class EncodedImage:
-    data: bytes  # PNG, JPEG, WebP, BMP or GIF
-
-
-@dataclass(slots=True)
-class RawTensor:
-    dtype: str  # "uint8" | "float32" (anything else is refused, naming it)
-    shape: Sequence[int]  # (C, H, W), or (H, W) for one channel
-    data: bytes  # little-endian
-
-
-# None: an image that is neither (refused, naming the image).
-ImageInput = EncodedImage | RawTensor | None
 
 
 @dataclass(frozen=True)
@@ -113,6 +99,12 @@ class ModelInfo:
     requested_device: str
     max_batch_size: int
     stages: tuple[str, ...] = ()  # conv stages whose activation maps Explain can return
+    # What Triton's ModelConfig reports: the model's config.pbtxt ("" when it has none),
+    # and how this server runs it.
+    config_text: str = ""
+    max_queue_delay_us: int = 0
+    instances: int = 1
+    variant_file: str = ""
 
     @property
     def spec(self) -> InputSpec:
@@ -131,6 +123,7 @@ class DataPlane:
         self.decode_executor = decode_executor
         self.admitting = True
         self.arrivals = 0  # calls that asked for admission, admitted or not
+        self.shared_memory = SharedMemory()  # regions of clients on this host
 
     # -- admission and readiness ------------------------------------------------------
     def admit(self, deadline: float | None = None) -> None:
@@ -201,12 +194,33 @@ class DataPlane:
             requested_device=mv.session.requested_device,
             max_batch_size=mv.batcher.config.max_batch_size,
             stages=tuple(mv.stages),
+            config_text=read_text(mv.path.parent / TRITON_CONFIG_FILE),
+            max_queue_delay_us=round(mv.batcher.config.max_queue_delay_s * 1e6),
+            instances=mv.batcher.config.instances,
+            variant_file=mv.variant_file,
         )
 
-    def index(self) -> list[tuple[str, int]]:
-        """Every (model, version) being served, by name then version."""
+    def index(self) -> list[tuple[str, int | None, str, str]]:
+        """Every model of the repository: (name, version, state, reason); READY for each
+        version served, UNAVAILABLE (no version) with the reason for the others."""
+        return self.repository.index()
+
+    def served(self, name: str, version: int | None) -> list[ModelVersion]:
+        """The versions a statistics call means: every version of every model (no name),
+        every loaded version of a model (no version), or that one."""
         r = self.repository
-        return [(name, v) for name in sorted(r.names()) for v in r.versions(name)]
+        if not name:
+            return [r.get(n, v) for n in r.names() for v in r.versions(n)]
+        if version:
+            return [self.model(name, version)]
+        self.model(name, None)  # ModelNotFound when it is not served
+        return [r.get(name, v) for v in r.versions(name)]
+
+    async def load_model(self, name: str) -> None:
+        await self.repository.load_model(name)
+
+    def unload_model(self, name: str) -> None:
+        self.repository.unload_model(name)
 
     def model_metadata(self, name: str, version: int | None) -> v2.ModelMetadata:
         mv = self.model(name, version)
@@ -225,21 +239,28 @@ class DataPlane:
     ) -> Classification:
         """The top `k` classes (0: 1) of every image, computed in some batch."""
         mv = self.model(name, version)
-        if k < 0:
-            raise InvalidInput(f"top_k must be >= 0, got {k}")
-        self.check_count(len(images))  # before looking at any of them
-        rows, mv = await self._rows(images, mv, name, version)
-        out = await mv.batcher.submit(rows, deadline)
-        idx, probs = top_k(out[:, 1], min(k or 1, mv.num_classes))
-        return Classification(mv.name, mv.version, mv.labels, idx, probs)
+        with RequestClock(mv.statistics) as clock:
+            if k < 0:
+                raise InvalidInput(f"top_k must be >= 0, got {k}")
+            self.check_count(len(images))  # before looking at any of them
+            rows, mv = await self._rows(images, mv, name, version)
+            out = await mv.batcher.submit(rows, deadline)
+            clock.computed()
+            idx, probs = top_k(out[:, 1], min(k or 1, mv.num_classes))
+            return Classification(mv.name, mv.version, mv.labels, idx, probs)
 
     async def infer(self, request: v2.InferRequest, deadline: float | None) -> v2.InferResponse:
         """A V2 inference: one input tensor in, the requested output tensors out."""
         mv = self.model(request.model, request.version)
-        rows = v2.input_rows(request, mv.spec, self.limits.max_images_per_request)
-        wanted = v2.requested_outputs(request.outputs)
-        out = await mv.batcher.submit(rows, deadline)
-        return v2.InferResponse(mv.name, mv.version, request.id, v2.outputs(out, wanted, mv.labels))
+        with RequestClock(mv.statistics) as clock:
+            request = v2.read_shared(request, self.shared_memory)
+            rows = v2.input_rows(request, mv.spec, self.limits.max_images_per_request)
+            wanted = v2.requested_outputs(request.outputs)
+            out = await mv.batcher.submit(rows, deadline)
+            clock.computed()
+            outputs = v2.outputs(out, wanted, mv.labels)
+            v2.write_shared(outputs, self.shared_memory)
+            return v2.InferResponse(mv.name, mv.version, request.id, outputs)
 
     async def explain(
         self, name: str, version: int | None, request: ExplainRequest, deadline: float | None
@@ -368,25 +389,8 @@ class DataPlane:
         return await loop.run_in_executor(self.decode_executor, self.decode, images, spec)
 
 
-def stack_uint8(images: Sequence[ImageInput], spec: InputSpec) -> np.ndarray | None:
-    """Raw uint8 tensors of exactly the model's input size (what bulk clients send) -> one
-    (N, C, H, W) array in one copy, rather than one validation and copy per image (about 6x
-    faster at 32 images). None when any image is something else: `decode` then takes them
-    one by one and says which is wrong and why."""
-    shapes: list[Sequence[int]] = [spec.shape, list(spec.shape)]  # a converter's list or tuple
-    if spec.channels == 1:
-        shapes += [(spec.height, spec.width), [spec.height, spec.width]]
-    size = spec.nbytes
-    payloads = []
-    for img in images:
-        if (
-            type(img) is not RawTensor
-            or img.dtype != "uint8"
-            or len(img.data) != size
-            or img.shape not in shapes
-        ):
-            return None
-        payloads.append(img.data)
-    out = np.empty((len(payloads), *spec.shape), dtype=np.uint8)
-    out.reshape(-1)[:] = np.frombuffer(b"".join(payloads), dtype=np.uint8)
-    return out
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""

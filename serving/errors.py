@@ -38,6 +38,13 @@ class Overloaded(QueueFull):
     reason = "overloaded"
 
 
+class FailedPrecondition(ServingError):
+    """The call is not allowed in the server's present configuration (e.g. loading a model
+    without explicit model control); the message says what would allow it."""
+
+    reason = "failed_precondition"
+
+
 class MessageTooLarge(ServingError):
     reason = "message_too_large"
 

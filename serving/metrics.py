@@ -310,7 +310,7 @@ class ModelObserver(BatchObserver):
     def queue_wait(self, seconds: float) -> None:
         self._wait.observe(seconds)
 
-    def batch(self, size: int, seconds: float) -> None:
+    def batch(self, size: int, seconds: float, requests: int = 1, assembly: float = 0.0) -> None:
         self._compute.observe(seconds)
         self._size.observe(size)
         self._items.inc(size)

@@ -18,7 +18,7 @@ import concurrent.futures
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from serving.contract import (
 )
 from serving.errors import DeviceUnavailable, ModelLoadError
 from serving.runtime import RuntimeOptions, Session
+from serving.statistics import InferenceStatistics
 
 log = logging.getLogger("convserve.repository")
 
@@ -74,6 +75,7 @@ class ModelVersion:
     variant_file: str
     insight: Session | None = None  # model.insight.onnx, when the version has one
     stamp: float = 0.0  # the folder's stamp when loaded: a later difference is reported
+    statistics: InferenceStatistics = field(default_factory=InferenceStatistics)
 
     @property
     def spec(self) -> InputSpec:
@@ -154,8 +156,10 @@ class Loader:
         executor = concurrent.futures.ThreadPoolExecutor(
             self.batching.instances, thread_name_prefix=f"ort-{name}-{version}"
         )
+        # Triton-style statistics see every batcher observation and pass it on.
+        statistics = InferenceStatistics(observer)
         batcher = Batcher(
-            opened.session.classify, self.batching, executor, observer, f"{name}:{version}"
+            opened.session.classify, self.batching, executor, statistics, f"{name}:{version}"
         )
         return ModelVersion(
             name,
@@ -168,6 +172,7 @@ class Loader:
             executor,
             opened.variant_file,
             opened.insight,
+            statistics=statistics,
         )
 
     def _session(self, path: Path, manifest: Manifest, label: str) -> Session:

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.audit import folder_mode, writable_folders
 from serving.batcher import BatchConfig, BatchObserver
 from serving.contract import valid_model_name
 from serving.contract import versions as published_versions
-from serving.errors import ModelLoadError, ModelNotFound, NotReady
+from serving.errors import FailedPrecondition, ModelLoadError, ModelNotFound, NotReady
 from serving.model import Loader, ModelVersion, load
 from serving.runtime import RuntimeOptions
 
@@ -44,6 +45,9 @@ class RepositoryConfig:
     poll_interval_s: float  # 0: load once, never poll
     variant: str  # serving.contract.VARIANT_FILES
     max_model_bytes: int
+    # Triton's --model-control-mode: poll (scan every poll_interval_s), none (load at start,
+    # never again) or explicit (only what load_model asks, starting with `models`)
+    control: str = "poll"
 
 
 class RepositoryEvents:
@@ -86,11 +90,19 @@ class ModelRepository:
         self.last_error: str = ""
         # name -> (version, reason, message) of its latest refused version, for operators
         self.refused: dict[str, tuple[int, str, str]] = {}
+        # explicit control: the models asked for (the rest of the repository is not loaded)
+        self.selected: set[str] = set(config.models)
 
     # -- queries ---------------------------------------------------------------------
     @property
+    def explicit(self) -> bool:
+        return self.config.control == "explicit"
+
+    @property
     def ready(self) -> bool:
-        return bool(self._models) and all(self._models.values())
+        # Explicit control may serve nothing yet, as Triton does: ready means every model
+        # asked for is loaded.
+        return (self.explicit or bool(self._models)) and all(self._models.values())
 
     def expected_wait(self) -> float:
         """The longest a request to any loaded version would now take (see Batcher)."""
@@ -108,6 +120,8 @@ class ModelRepository:
     def get(self, name: str | None = None, version: int | None = None) -> ModelVersion:
         """The version to run (latest loaded when `version` is None or 0)."""
         if not self._models:
+            if self.explicit:
+                raise ModelNotFound("no model is loaded (explicit model control: load one)")
             raise NotReady("no model is loaded yet; retry shortly")
         if not name:
             if len(self._models) != 1:
@@ -129,7 +143,7 @@ class ModelRepository:
     async def start(self) -> None:
         """First scan (loads and warms everything selected), then poll if configured."""
         await self.scan()
-        if self.config.poll_interval_s > 0:
+        if self.config.poll_interval_s > 0 and self.config.control == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
@@ -151,9 +165,8 @@ class ModelRepository:
             return out
         for mdir in entries:
             name = mdir.name
-            if not valid_model_name(name) or (
-                self.config.models and name not in self.config.models
-            ):
+            wanted = self.selected if self.explicit else self.config.models
+            if not valid_model_name(name) or ((wanted or self.explicit) and name not in wanted):
                 continue
             out[name] = published_versions(mdir)[::-1]
         return out
@@ -180,10 +193,59 @@ class ModelRepository:
                 if current:
                     break  # a broken new version: keep serving the current one
 
+    # -- explicit model control (Triton's RepositoryModelLoad / Unload) --------------------
+    def index(self) -> list[tuple[str, int | None, str, str]]:
+        """Every model of the repository folder: (name, version, state, reason), READY for
+        each version served, UNAVAILABLE (version None) with the reason for the others."""
+        out: list[tuple[str, int | None, str, str]] = []
+        with contextlib.suppress(OSError):
+            for mdir in sorted(p for p in self.config.root.iterdir() if p.is_dir()):
+                name = mdir.name
+                if not valid_model_name(name) or not published_versions(mdir):
+                    continue
+                served = self._models.get(name)
+                if served:
+                    out += [(name, v, "READY", "") for v in sorted(served)]
+                else:
+                    why = self.refused[name][2] if name in self.refused else "not loaded"
+                    out.append((name, None, "UNAVAILABLE", why))
+        return out
+
+    async def load_model(self, name: str) -> None:
+        """Serve `name` at its latest valid version (again, if it is served: newer ones are
+        picked up). Explicit control only; ModelLoadError when no version could load."""
+        self._controlled("load")
+        if not valid_model_name(name) or not published_versions(self.config.root / name):
+            raise ModelNotFound(f"no model {name!r} with a version in {self.config.root}")
+        self.selected.add(name)
+        self._failed = {k: v for k, v in self._failed.items() if k[0] != name}  # try again
+        await self.scan()
+        if name not in self._models:
+            why = self.refused.get(name, (0, "other", "no version could be loaded"))
+            raise ModelLoadError(f"{name}: {why[2]}", why[1])
+
+    def unload_model(self, name: str) -> None:
+        """Stop serving `name`: calls already admitted finish on it. Explicit control only."""
+        self._controlled("unload")
+        self.selected.discard(name)
+        versions = self._models.pop(name, None)
+        if versions is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        for mv in versions.values():
+            self._retire(mv)
+        log.info("unloaded %s (versions %s)", name, sorted(versions))
+
+    def _controlled(self, what: str) -> None:
+        if not self.explicit:
+            raise FailedPrecondition(
+                f"explicit model {what} is not allowed with --model-control-mode "
+                f"{self.config.control}: start the server with --model-control-mode explicit"
+            )
+
     def _check_writable(self) -> None:
         """Warn loudly about repository folders other users can write (whoever can write
         there chooses what this server runs); report each folder once until it changes."""
-        found = _writable_folders(self.config.root)
+        found = writable_folders(self.config.root)
         for folder, who in found.items():
             if self._writable.get(folder) != who:
                 log.warning(
@@ -191,7 +253,7 @@ class ModelRepository:
                     "anyone who can write there chooses what this server runs",
                     folder,
                     who,
-                    _mode(folder),
+                    folder_mode(folder),
                 )
         self._writable = found
         counts = {"group": 0, "other": 0}
@@ -304,37 +366,6 @@ class ModelRepository:
             for mv in vs.values():
                 mv.executor.shutdown(wait=False)
         self._pool.shutdown(wait=False)
-
-
-def _writable_folders(root: Path) -> dict[Path, str]:
-    """Root, model and version folders that users other than the owner may write:
-    folder -> "other" (world-writable) or "group"."""
-    out: dict[Path, str] = {}
-    folders = [root]
-    try:
-        for mdir in root.iterdir():
-            if mdir.is_dir() and not mdir.name.startswith("."):
-                folders.append(mdir)
-                folders += [v for v in mdir.iterdir() if v.name.isdigit() and v.is_dir()]
-    except OSError:
-        pass
-    for folder in folders:
-        try:
-            mode = folder.stat().st_mode
-        except OSError:
-            continue
-        if mode & stat.S_IWOTH:
-            out[folder] = "other"
-        elif mode & stat.S_IWGRP:
-            out[folder] = "group"
-    return out
-
-
-def _mode(path: Path) -> str:
-    try:
-        return stat.filemode(path.stat().st_mode)
-    except OSError:
-        return "?"
 
 
 def _stamp(vdir: Path) -> float:

@@ -125,6 +125,7 @@ class App:
             stops.append(self.http.stop())
         await asyncio.gather(*stops)
         await self.repository.close(timeout=1.0)
+        self.plane.shared_memory.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -24,6 +24,8 @@ from serving.runtime import GRAPH_OPT_LEVELS, SPINNING, RuntimeOptions
 from serving.tls import TLSFiles
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+CONTROL_MODES = ("poll", "none", "explicit")
+DEFAULT_POLL_S = 5.0
 LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 _DEVICE_RE = re.compile(r"auto|cpu|tensorrt|cuda(:\d+)?")
 
@@ -86,7 +88,19 @@ class ServerSettings:
         "would outlast, instead of queueing it to time out",
     )
     workers: int = option(1, "worker processes sharing the port", minimum=1)
-    poll_interval: float = option(5.0, "seconds between repository scans (0: never)")
+    model_control_mode: str = option(
+        "poll",
+        "as Triton's: poll (load at start, then scan every --poll-interval), none (load at "
+        "start, never again) or explicit (load only the --model NAMEs at start and what "
+        "RepositoryModelLoad asks)",
+        choices=CONTROL_MODES,
+    )
+    poll_interval: float | None = option(
+        None,
+        f"seconds between repository scans with --model-control-mode poll (default "
+        f"{DEFAULT_POLL_S:g}; 0: never)",
+        minimum=0,
+    )
     drain_timeout: float = option(30.0, "seconds to finish admitted requests on SIGTERM")
     # Long-lived clients re-resolve and reconnect after this age, so a scaled-out Deployment
     # behind one ClusterIP spreads them over the new pods.
@@ -152,6 +166,12 @@ class ServerSettings:
         unknown = sorted(set(self.open_groups) - set(GROUPS))
         if unknown:
             raise SettingsError(f"--open-groups: unknown group(s) {unknown}")
+        if self.model_control_mode != "poll" and self.poll_interval:
+            raise SettingsError(
+                f"--poll-interval {self.poll_interval:g} contradicts --model-control-mode "
+                f"{self.model_control_mode}: only poll mode scans the repository (in explicit "
+                "mode RepositoryModelLoad loads a model); drop one of them"
+            )
         self.repository  # noqa: B018  (a malformed --model NAME:V,V is refused here)
 
     @functools.cached_property
@@ -171,10 +191,18 @@ class ServerSettings:
             self.model_repository,
             tuple(names),
             pinned,
-            self.poll_interval,
+            self.poll_seconds,
             self.variant,
             self.max_model_bytes,
+            self.model_control_mode,
         )
+
+    @property
+    def poll_seconds(self) -> float:
+        """Seconds between repository scans: 0 unless --model-control-mode poll."""
+        if self.model_control_mode != "poll":
+            return 0.0
+        return DEFAULT_POLL_S if self.poll_interval is None else self.poll_interval
 
     @property
     def runtime(self) -> RuntimeOptions:

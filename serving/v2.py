@@ -10,37 +10,49 @@ extension (the top k classes as "<value>:<index>:<label>" strings, best first).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from serving import __version__
 from serving.contract import INPUT_NAME, OUTPUT_NAMES, InputSpec
 from serving.errors import InvalidInput, ModelNotFound
+from serving.shm import SharedMemory, SharedSlice
 
 SERVER_NAME = "convserve"
 SERVER_VERSION = __version__
-EXTENSIONS = ("classification",)
+EXTENSIONS = (
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "schedule_policy",
+    "statistics",
+    "system_shared_memory",
+    "logging",
+)
 PLATFORM = "onnxruntime_onnx"
 INPUT_DATATYPE = "UINT8"  # the model's input, as model_metadata says
 
 
 @dataclass(frozen=True)
 class InferInput:
-    """One input tensor: `data` is raw little-endian bytes, or the typed values as an array
-    (None when the request carried neither for a datatype we do not take)."""
+    """One input tensor: `data` is raw little-endian bytes, the typed values as an array, a
+    slice of a registered shared-memory region (None when the request carried neither for a
+    datatype we do not take)."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: bytes | np.ndarray | None
+    data: bytes | np.ndarray | SharedSlice | None
 
 
 @dataclass(frozen=True)
 class RequestedOutput:
     name: str
     classification: int = 0  # > 0: the classification extension's top k
+    shared: SharedSlice | None = None  # write it into this shared memory, not the answer
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class InferOutput:
     datatype: str  # "FP32" | "BYTES"
     shape: tuple[int, int]
     data: np.ndarray | list[bytes]
+    shared: SharedSlice | None = None  # written there: the answer carries no data for it
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,34 @@ def input_rows(request: InferRequest, spec: InputSpec, max_images: int) -> np.nd
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
+def read_shared(request: InferRequest, shm: SharedMemory) -> InferRequest:
+    """The request with every input named by a shared-memory slice read from its region."""
+    if not any(isinstance(t.data, SharedSlice) for t in request.inputs):
+        return request
+    if request.raw:
+        raise InvalidInput("an input in shared memory cannot come with raw_input_contents")
+    inputs = [
+        replace(t, data=shm.read(t.data)) if isinstance(t.data, SharedSlice) else t
+        for t in request.inputs
+    ]
+    return replace(request, inputs=inputs)
+
+
+def write_shared(outputs: list[InferOutput], shm: SharedMemory) -> None:
+    """Write each output asked for in shared memory into its region."""
+    for o in outputs:
+        if o.shared is not None:
+            shm.write(o.shared, tensor_bytes(o))
+
+
+def tensor_bytes(o: InferOutput) -> bytes:
+    """An output's raw little-endian bytes; BYTES as KServe/Triton encode them, each element
+    a 4-byte little-endian length then its bytes."""
+    if o.datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(s)) + s for s in o.data)  # type: ignore[union-attr]
+    return np.ascontiguousarray(o.data, "<f4").tobytes()
+
+
 def _raw_bytes(t: InferInput) -> bytes:
     """The tensor's bytes. Typed values of another datatype are never read: input_rows
     refuses that datatype before it looks at the bytes."""
@@ -194,7 +235,7 @@ def outputs(
             strings = [
                 f"{values[r, c]:f}:{c}:{labels[c]}".encode() for r in range(n) for c in order[r]
             ]
-            answers.append(InferOutput(o.name, "BYTES", (n, kk), strings))
+            answers.append(InferOutput(o.name, "BYTES", (n, kk), strings, o.shared))
         else:
-            answers.append(InferOutput(o.name, "FP32", (n, k), values))
+            answers.append(InferOutput(o.name, "FP32", (n, k), values, o.shared))
     return answers

@@ -36,7 +36,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.dataplane import DataPlane, EncodedImage
+from serving.dataplane import DataPlane
+from serving.images import EncodedImage
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from serving.proto.inference import grpc_predict_v2_pb2 as v2

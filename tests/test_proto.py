@@ -8,12 +8,15 @@ than read from our .proto so that an edit to the .proto cannot silently move the
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from serving.proto.convserve.v1 import classifier_pb2, classifier_pb2_grpc
-from serving.proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from serving.proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, model_config_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = REPO / "serving" / "proto"
@@ -88,6 +91,104 @@ V2_FIELDS = {
     },
 }
 
+# Triton's extension messages (triton-inference-server/common protobuf/grpc_service.proto,
+# the numbers tritonclient.grpc 2.73's service_pb2 carries; the slow test below compares
+# with tritonclient itself).
+V2_FIELDS |= {
+    "ModelStreamInferResponse": {"error_message": 1, "infer_response": 2},
+    "ModelConfigRequest": {"name": 1, "version": 2},
+    "ModelConfigResponse": {"config": 1},
+    "ModelStatisticsRequest": {"name": 1, "version": 2},
+    "StatisticDuration": {"count": 1, "ns": 2},
+    "InferStatistics": {
+        "success": 1,
+        "fail": 2,
+        "queue": 3,
+        "compute_input": 4,
+        "compute_infer": 5,
+        "compute_output": 6,
+        "cache_hit": 7,
+        "cache_miss": 8,
+    },
+    "InferBatchStatistics": {
+        "batch_size": 1,
+        "compute_input": 2,
+        "compute_infer": 3,
+        "compute_output": 4,
+    },
+    "ModelStatistics": {
+        "name": 1,
+        "version": 2,
+        "last_inference": 3,
+        "inference_count": 4,
+        "execution_count": 5,
+        "inference_stats": 6,
+        "batch_stats": 7,
+    },
+    "ModelStatisticsResponse": {"model_stats": 1},
+    "ModelRepositoryParameter": {
+        "bool_param": 1,
+        "int64_param": 2,
+        "string_param": 3,
+        "bytes_param": 4,
+    },
+    "RepositoryIndexRequest": {"repository_name": 1, "ready": 2},
+    "RepositoryIndexResponse": {"models": 1},
+    "RepositoryIndexResponse.ModelIndex": {"name": 1, "version": 2, "state": 3, "reason": 4},
+    "RepositoryModelLoadRequest": {"repository_name": 1, "model_name": 2, "parameters": 3},
+    "RepositoryModelLoadResponse": {},
+    "RepositoryModelUnloadRequest": {"repository_name": 1, "model_name": 2, "parameters": 3},
+    "RepositoryModelUnloadResponse": {},
+    "SystemSharedMemoryStatusRequest": {"name": 1},
+    "SystemSharedMemoryStatusResponse": {"regions": 1},
+    "SystemSharedMemoryStatusResponse.RegionStatus": {
+        "name": 1,
+        "key": 2,
+        "offset": 3,
+        "byte_size": 4,
+    },
+    "SystemSharedMemoryRegisterRequest": {"name": 1, "key": 2, "offset": 3, "byte_size": 4},
+    "SystemSharedMemoryRegisterResponse": {},
+    "SystemSharedMemoryUnregisterRequest": {"name": 1},
+    "SystemSharedMemoryUnregisterResponse": {},
+    "TraceSettingRequest": {"settings": 1, "model_name": 2},
+    "TraceSettingRequest.SettingValue": {"value": 1},
+    "TraceSettingResponse": {"settings": 1},
+    "TraceSettingResponse.SettingValue": {"value": 1},
+    "LogSettingsRequest": {"settings": 1},
+    "LogSettingsRequest.SettingValue": {"bool_param": 1, "uint32_param": 2, "string_param": 3},
+    "LogSettingsResponse": {"settings": 1},
+    "LogSettingsResponse.SettingValue": {"bool_param": 1, "uint32_param": 2, "string_param": 3},
+}
+
+# Triton's model_config.proto, the subset we fill (same numbers as model_config_pb2).
+MODEL_CONFIG_FIELDS = {
+    "ModelConfig": {
+        "name": 1,
+        "platform": 2,
+        "backend": 17,
+        "version_policy": 3,
+        "max_batch_size": 4,
+        "input": 5,
+        "output": 6,
+        "dynamic_batching": 11,
+        "instance_group": 7,
+        "default_model_filename": 8,
+    },
+    "ModelInput": {"name": 1, "data_type": 2, "format": 3, "dims": 4},
+    "ModelOutput": {"name": 1, "data_type": 2, "dims": 3, "label_filename": 4},
+    "ModelInstanceGroup": {"name": 1, "kind": 4, "count": 2, "gpus": 3},
+    "ModelVersionPolicy": {"latest": 1, "all": 2, "specific": 3},
+    "ModelVersionPolicy.Latest": {"num_versions": 1},
+    "ModelVersionPolicy.All": {},
+    "ModelVersionPolicy.Specific": {"versions": 1},
+    "ModelDynamicBatching": {
+        "preferred_batch_size": 1,
+        "max_queue_delay_microseconds": 2,
+        "preserve_ordering": 3,
+    },
+}
+
 V2_METHODS = {
     "ServerLive": ("ServerLiveRequest", "ServerLiveResponse"),
     "ServerReady": ("ServerReadyRequest", "ServerReadyResponse"),
@@ -95,6 +196,26 @@ V2_METHODS = {
     "ServerMetadata": ("ServerMetadataRequest", "ServerMetadataResponse"),
     "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse"),
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
+    "ModelStreamInfer": ("ModelInferRequest", "ModelStreamInferResponse"),
+    "ModelConfig": ("ModelConfigRequest", "ModelConfigResponse"),
+    "ModelStatistics": ("ModelStatisticsRequest", "ModelStatisticsResponse"),
+    "RepositoryIndex": ("RepositoryIndexRequest", "RepositoryIndexResponse"),
+    "RepositoryModelLoad": ("RepositoryModelLoadRequest", "RepositoryModelLoadResponse"),
+    "RepositoryModelUnload": ("RepositoryModelUnloadRequest", "RepositoryModelUnloadResponse"),
+    "SystemSharedMemoryStatus": (
+        "SystemSharedMemoryStatusRequest",
+        "SystemSharedMemoryStatusResponse",
+    ),
+    "SystemSharedMemoryRegister": (
+        "SystemSharedMemoryRegisterRequest",
+        "SystemSharedMemoryRegisterResponse",
+    ),
+    "SystemSharedMemoryUnregister": (
+        "SystemSharedMemoryUnregisterRequest",
+        "SystemSharedMemoryUnregisterResponse",
+    ),
+    "TraceSetting": ("TraceSettingRequest", "TraceSettingResponse"),
+    "LogSettings": ("LogSettingsRequest", "LogSettingsResponse"),
 }
 
 # Our own API as the server and client code against it.
@@ -247,6 +368,50 @@ def test_stubs_and_servicers_are_generated():
 
 def test_v2_messages_use_the_published_field_numbers():
     assert _field_numbers(grpc_predict_v2_pb2.DESCRIPTOR) == V2_FIELDS
+
+
+def test_model_config_messages_use_tritons_field_numbers():
+    assert _field_numbers(model_config_pb2.DESCRIPTOR) == MODEL_CONFIG_FIELDS
+
+
+# Run by the tritonclient venv's python: every message of its service_pb2 and
+# model_config_pb2 as {dotted name: {field: [number, type, repeated]}} on stdout.
+TRITON_DESCRIPTORS = r"""
+import json
+from tritonclient.grpc import model_config_pb2, service_pb2
+out = {}
+def walk(m, prefix=""):
+    if m.GetOptions().map_entry:
+        return
+    name = prefix + m.name
+    out[name] = {f.name: [f.number, f.type, f.label == f.LABEL_REPEATED] for f in m.fields}
+    for n in m.nested_types:
+        walk(n, name + ".")
+for module in (service_pb2, model_config_pb2):
+    for m in module.DESCRIPTOR.message_types_by_name.values():
+        walk(m)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # the tritonclient venv (make test builds it)
+def test_every_field_we_declare_is_tritons_field_by_name_number_and_type(tritonclient_python):
+    out = subprocess.run(
+        [tritonclient_python, "-c", TRITON_DESCRIPTORS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    theirs = json.loads(out.stdout)
+    ours = {}
+    for module in (grpc_predict_v2_pb2, model_config_pb2):
+        for name, message in _all_messages(module.DESCRIPTOR).items():
+            ours[name] = {f.name: [f.number, f.type, f.is_repeated] for f in message.fields}
+    for name, fields in ours.items():
+        assert name in theirs, f"{name} is not a Triton message"
+        for field, spec in fields.items():
+            assert theirs[name].get(field) == spec, (name, field, spec, theirs[name].get(field))
 
 
 def test_v2_raw_contents_fields_are_repeated_bytes():

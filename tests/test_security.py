@@ -480,7 +480,7 @@ def refused_starts(repo, tmp_path_factory) -> dict[str, subprocess.CompletedProc
     ca = CA("ca")
     cert, _ = ca.issue("a").write(d / "a")
     _, other_key = ca.issue("b").write(d / "b")
-    (d / "tokens").write_text("tok-x inference,admin\n")
+    (d / "tokens").write_text("tok-x inference,root\n")
     base = [sys.executable, "-m", "serving.main", "--model-repository", str(repo)]
     base += ["--host", "127.0.0.1", "--metrics-port", "0"]
     cases = {
@@ -519,7 +519,7 @@ def refused_starts(repo, tmp_path_factory) -> dict[str, subprocess.CompletedProc
         ("mismatched-key", "not a matching PEM certificate"),
         ("mismatched-key-workers", "not a matching PEM certificate"),
         ("missing-cert", "nope.crt: cannot be read"),
-        ("bad-token-file", "unknown group(s) ['admin']"),
+        ("bad-token-file", "unknown group(s) ['root']"),
     ],
 )
 def test_refuses_to_start_with_bad_credentials(refused_starts, case, says):

@@ -19,10 +19,33 @@ METHOD_GROUPS = {
         for m in ("Predict", "PredictStream", "Explain")
     },
     "/convserve.v1.Classifier/GetModelInfo": "metadata",
-    "/inference.GRPCInferenceService/ModelInfer": "inference",
+    **{
+        f"/inference.GRPCInferenceService/{m}": "inference"
+        for m in (
+            "ModelInfer",
+            "ModelStreamInfer",
+            "SystemSharedMemoryRegister",
+            "SystemSharedMemoryStatus",
+            "SystemSharedMemoryUnregister",
+        )
+    },
     **{
         f"/inference.GRPCInferenceService/{m}": "metadata"
-        for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata")
+        for m in (
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelConfig",
+            "ModelStatistics",
+            "RepositoryIndex",
+        )
+    },
+    # What changes the server for everyone: never open unless --open-groups says admin.
+    **{
+        f"/inference.GRPCInferenceService/{m}": "admin"
+        for m in ("RepositoryModelLoad", "RepositoryModelUnload", "LogSettings", "TraceSetting")
     },
 }
 SERVICE_GROUPS = {

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.dataplane import EncodedImage, ExplainRequest, ImageInput, RawTensor
+from serving.dataplane import ExplainRequest
 from serving.grpc.status import Servicer, deadline_of, rpc
+from serving.images import EncodedImage, ImageInput, RawTensor
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 

@@ -3,32 +3,53 @@ the data plane, protobuf out. Outputs go in `raw_output_contents` (tritonclient 
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import numpy as np
 
 from serving import v2
+from serving.grpc.extensions import TritonExtensions, local_only
 from serving.grpc.status import Servicer, deadline_of, rpc
 from serving.proto.inference import grpc_predict_v2_pb2 as pb
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from serving.shm import SharedSlice
 
 
-def infer_request(request: pb.ModelInferRequest) -> v2.InferRequest:
+def infer_request(request: pb.ModelInferRequest) -> tuple[v2.InferRequest, bool]:
+    """The core request, and whether it names shared memory (for clients on this host)."""
     raw = request.raw_input_contents
-    inputs = [
-        v2.InferInput(t.name, t.datatype, tuple(t.shape), None if raw else _typed(t))
-        for t in request.inputs
-    ]
-    outputs = [
-        v2.RequestedOutput(
-            o.name,
-            o.parameters["classification"].int64_param if "classification" in o.parameters else 0,
-        )
-        for o in request.outputs
-    ]
+    inputs = []
+    for t in request.inputs:
+        data = _shared(t.parameters) if t.parameters else None
+        if data is None:
+            data = None if raw else _typed(t)
+        inputs.append(v2.InferInput(t.name, t.datatype, tuple(t.shape), data))
+    outputs = []
+    for o in request.outputs:
+        p = o.parameters
+        k = p["classification"].int64_param if "classification" in p else 0
+        outputs.append(v2.RequestedOutput(o.name, k, _shared(p) if p else None))
     version = v2.version_number(request.model_version)
-    return v2.InferRequest(request.model_name, version, request.id, inputs, outputs, list(raw))
+    shared = any(isinstance(t.data, SharedSlice) for t in inputs) or any(o.shared for o in outputs)
+    ask = v2.InferRequest(request.model_name, version, request.id, inputs, outputs, list(raw))
+    return ask, shared
+
+
+def _shared(parameters: Any) -> SharedSlice | None:
+    """Triton's shared-memory parameters of a tensor, when it names a region."""
+    if "shared_memory_region" not in parameters:
+        return None
+    size = (
+        parameters["shared_memory_byte_size"].int64_param
+        if ("shared_memory_byte_size" in parameters)
+        else 0
+    )
+    offset = (
+        parameters["shared_memory_offset"].int64_param
+        if ("shared_memory_offset" in parameters)
+        else 0
+    )
+    return SharedSlice(parameters["shared_memory_region"].string_param, offset, size)
 
 
 def _typed(t: Any) -> np.ndarray | None:
@@ -38,23 +59,21 @@ def _typed(t: Any) -> np.ndarray | None:
     return None
 
 
-def _bytes_tensor(strings: list[bytes]) -> bytes:
-    """KServe/Triton raw BYTES encoding: each element is a 4-byte little-endian length + data."""
-    return b"".join(struct.pack("<I", len(s)) + s for s in strings)
-
-
 def infer_response(r: v2.InferResponse) -> pb.ModelInferResponse:
     resp = pb.ModelInferResponse(model_name=r.model, model_version=str(r.version), id=r.id)
     for o in r.outputs:
         resp.outputs.add(name=o.name, datatype=o.datatype, shape=list(o.shape))
-        if o.datatype == "BYTES":
-            resp.raw_output_contents.append(_bytes_tensor(o.data))
-        else:
-            resp.raw_output_contents.append(np.ascontiguousarray(o.data, "<f4").tobytes())
+        # An output written to shared memory keeps its place with no bytes (tritonclient
+        # finds an output's bytes by its index).
+        resp.raw_output_contents.append(b"" if o.shared else v2.tensor_bytes(o))
     return resp
 
 
-class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(Servicer, TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: Any, metrics: Any, log_format: str = "text"):
+        super().__init__(plane, metrics)
+        self.log_format = log_format
+
     @rpc("ServerLive")
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -89,5 +108,10 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
-        answer = await self.plane.infer(infer_request(request), deadline_of(context))
-        return infer_response(answer)
+        return await self._infer(request, context)
+
+    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        ask, shared = infer_request(request)
+        if shared:
+            local_only(context)
+        return infer_response(await self.plane.infer(ask, deadline_of(context)))

@@ -107,7 +107,7 @@ async def build(
     ours = TolerantRegistration(server)
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(plane, metrics), ours)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(plane, metrics), ours
+        InferenceServicer(plane, metrics, settings.log_format), ours
     )
     health = HealthServicer()  # it starts out SERVING for "": say NOT_SERVING until loaded
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

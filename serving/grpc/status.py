@@ -28,6 +28,7 @@ STATUS_OF: dict[type[errors.ServingError], grpc.StatusCode] = {
     errors.NotReady: grpc.StatusCode.UNAVAILABLE,
     errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.MessageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Draining: grpc.StatusCode.UNAVAILABLE,
     errors.InferenceFailed: grpc.StatusCode.INTERNAL,
@@ -71,8 +72,13 @@ class Servicer:
 Handler = Callable[..., Awaitable[Any]]
 
 
-def rpc(method: str) -> Callable[[Handler], Handler]:
-    """Admit, map core errors to status codes, count the RPC, observe its latency."""
+def rpc(
+    method: str, answer_error: Callable[[Any, str], Any] | None = None
+) -> Callable[[Handler], Handler]:
+    """Admit, map core errors to status codes, count the RPC, observe its latency. With
+    `answer_error` (one message of a stream whose protocol answers errors in-band, as
+    ModelStreamInfer does), a core error becomes the message `answer_error(request, text)`
+    and the stream goes on, instead of ending the call."""
 
     def wrap(fn: Handler) -> Handler:
         @functools.wraps(fn)
@@ -91,7 +97,10 @@ def rpc(method: str) -> Callable[[Handler], Handler]:
                 self.metrics.rejected.labels(exc.reason).inc()
                 # Clipped: a message quoting a huge client string would overflow the
                 # client's metadata limit and reach it as RESOURCE_EXHAUSTED instead.
-                await context.abort(status, clip_utf8(str(exc), MAX_DETAILS))
+                details = clip_utf8(str(exc), MAX_DETAILS)
+                if answer_error is not None:
+                    return answer_error(request, f"{status.name}: {details}")
+                await context.abort(status, details)
             except asyncio.CancelledError:
                 # The client went away, or its deadline passed while we worked.
                 remaining = context.time_remaining()

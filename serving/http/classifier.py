@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.dataplane import Classification, EncodedImage, ExplainRequest, Explanation, ModelInfo
+from serving.dataplane import Classification, ExplainRequest, Explanation, ModelInfo
 from serving.errors import InvalidInput
+from serving.images import EncodedImage
 
 
 def query_int(query: Mapping[str, str], name: str, default: int | None) -> int | None:
@@ -62,7 +63,7 @@ def explain_request(query: Mapping[str, str], body: bytes) -> ExplainRequest:
 
 def _tensor(a: np.ndarray) -> dict[str, Any]:
     a = np.asarray(a, dtype=np.float32)
-    return {"shape": list(a.shape), "data": a.ravel().tolist()}
+    return {"shape": list(a.shape), "data": a.ravel()}
 
 
 def explanation(ex: Explanation) -> dict[str, Any]:

@@ -11,19 +11,17 @@ for binary tensors by default.
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 
 from serving import v2
 from serving.errors import InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 
 
@@ -133,10 +131,6 @@ def _deadline(timeout_us: Any) -> float | None:
     return time.monotonic() + _count(timeout_us, "parameters.timeout (microseconds)") / 1e6
 
 
-def _bytes_tensor(strings: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(s)) + s for s in strings)
-
-
 def infer_response(
     r: v2.InferResponse, binary_names: frozenset[str] | set[str]
 ) -> tuple[bytes, Mapping[str, str]]:
@@ -145,23 +139,20 @@ def infer_response(
     for o in r.outputs:
         out: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
         if o.name in binary_names:
-            if o.datatype == "BYTES":
-                raw = _bytes_tensor(o.data)  # type: ignore[arg-type]
-            else:
-                raw = np.ascontiguousarray(o.data, "<f4").tobytes()
+            raw = v2.tensor_bytes(o)
             out["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif o.datatype == "BYTES":
             out["data"] = [s.decode() for s in o.data]  # type: ignore[union-attr]
-        else:
-            out["data"] = np.asarray(o.data, dtype=np.float32).ravel().tolist()
+        else:  # float32 values written in their shortest exact form
+            out["data"] = np.ascontiguousarray(o.data, dtype=np.float32).ravel()
         outputs.append(out)
     doc = {"model_name": r.model, "model_version": str(r.version), "outputs": outputs}
     if r.id:
         doc["id"] = r.id
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
-        return header, {"Content-Type": JSON_TYPE}
+        return header, {"Content-Type": "application/json"}
     return b"".join([header, *chunks]), {
         "Content-Type": BINARY_TYPE,
         HEADER_LENGTH: str(len(header)),

@@ -26,14 +26,14 @@ from serving import v2
 from serving.auth import UNAUTHENTICATED, Gate, TokenTable, bearer_token
 from serving.dataplane import DataPlane
 from serving.http import classifier, inference
-from serving.http.status import Refused, endpoint, error, read_json
+from serving.http.status import Refused, endpoint, error, json_response, read_json
 from serving.http.tls import ServerContext
 from serving.metrics import Metrics
 from serving.settings import ServerSettings
 
 KEEPALIVE_S = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
 PAGE = "page.html"
-_json = web.json_response
+_json = json_response
 
 
 def _version(request: web.Request) -> str:
@@ -100,9 +100,12 @@ class Handlers:
 
     @endpoint("RepositoryIndex", "metadata")
     async def repository_index(self, request: web.Request) -> web.Response:
+        doc = read_json(await request.read() or b"{}", "the index request")
+        ready = isinstance(doc, dict) and doc.get("ready") is True
         index = [
-            {"name": name, "version": str(v), "state": "READY", "reason": ""}
-            for name, v in self.plane.index()
+            {"name": name, "version": "" if v is None else str(v), "state": state, "reason": why}
+            for name, v, state, why in self.plane.index()
+            if state == "READY" or not ready
         ]
         return _json(index)
 
@@ -124,8 +127,9 @@ class Handlers:
     @endpoint("GetModelInfo", "metadata")
     async def models(self, request: web.Request) -> web.Response:
         names: dict[str, list[int]] = {}
-        for name, v in self.plane.index():
-            names.setdefault(name, []).append(v)
+        for name, v, state, _ in self.plane.index():
+            if state == "READY" and v is not None:
+                names.setdefault(name, []).append(v)
         return _json({"models": [{"name": n, "versions": vs} for n, vs in names.items()]})
 
     @endpoint("GetModelInfo", "metadata")
