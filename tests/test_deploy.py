@@ -255,7 +255,7 @@ def test_deployment_probes_health_drains_within_its_grace_period_and_runs_locked
     # /tmp is writable (--workers N makes its metrics folder there); nothing names a folder
     # in it that a single server would have to make (tests/test_images.py runs both).
     assert "/tmp" in mounts and "PROMETHEUS_MULTIPROC_DIR" not in env
-    assert {p["containerPort"] for p in c["ports"]} == {50051, 8000}
+    assert {p["containerPort"] for p in c["ports"]} == {50051, 8080, 8000}
     if overlay.endswith("gpu"):
         assert env["CONVSERVE_DEVICE"] == "cuda" and c["resources"]["limits"]["nvidia.com/gpu"]
         assert pod["tolerations"] and pod["nodeSelector"]
@@ -280,7 +280,7 @@ def test_services_select_the_pods_and_only_the_clusterip_one_is_scraped():
     assert pdb["selector"]["matchLabels"].items() <= labels.items()
     policy = objs["NetworkPolicy/convserve"]["spec"]
     ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-    assert ports == {50051, 8000} and policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert ports == {50051, 8080, 8000} and policy["podSelector"]["matchLabels"].items() <= labels.items()
 
 
 def test_hpa_scales_on_cpu_and_on_the_adapter_exposed_inflight_metric():

@@ -537,10 +537,15 @@ def loopback_ports(tmp: Path) -> tuple[Path, dict[str, int]]:
     """An override publishing compose.yaml's ports on free 127.0.0.1 ports instead of its
     fixed ones (a Prometheus or a stack already running here keeps 9090 or 50051)."""
     ports = {"grpc": free_port(), "metrics": free_port(), "prometheus": free_port()}
+    ports["http"] = free_port()
     override = {
         "services": {
             "convserve": {
-                "ports": [f"127.0.0.1:{ports['grpc']}:50051", f"127.0.0.1:{ports['metrics']}:8000"]
+                "ports": [
+                    f"127.0.0.1:{ports['grpc']}:50051",
+                    f"127.0.0.1:{ports['http']}:8080",
+                    f"127.0.0.1:{ports['metrics']}:8000",
+                ]
             },
             "prometheus": {"ports": [f"127.0.0.1:{ports['prometheus']}:9090"]},
         }
@@ -593,6 +598,9 @@ def test_the_compose_stack_trains_first_then_serves_and_prometheus_scrapes_it_by
         with Client(target) as client:
             preds = client.predict(list(fashion_test.images[:16]))
         assert [p.index for p in preds] == ort_probs[:16].argmax(1).tolist()
+        page = f"http://127.0.0.1:{ports['http']}/"  # the try-it page, published by compose
+        with urllib.request.urlopen(page, timeout=10) as r:
+            assert b"<title>convserve" in r.read()
 
         prom = PrometheusAPI(f"http://127.0.0.1:{ports['prometheus']}")
         wait_for("Prometheus ready", lambda: "Ready" in prom.get("/-/ready"), timeout=60)
