@@ -23,11 +23,12 @@ from serving.shm import SharedMemory, SharedSlice
 
 SERVER_NAME = "convserve"
 SERVER_VERSION = __version__
+# Triton's names for the extensions served (binary_tensor_data: over HTTP).
 EXTENSIONS = (
     "classification",
+    "binary_tensor_data",
     "model_configuration",
     "model_repository",
-    "schedule_policy",
     "statistics",
     "system_shared_memory",
     "logging",

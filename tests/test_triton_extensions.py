@@ -93,6 +93,8 @@ def test_model_config_is_the_config_pbtxt_completed_with_how_it_is_served(stub, 
     (group,) = config.instance_group
     assert group.count == server.settings.instances and group.kind == group.KIND_CPU
     assert config.default_model_filename == "model.onnx"
+    extensions = stub.ServerMetadata(pb.ServerMetadataRequest()).extensions
+    assert {"model_configuration", "model_repository", "statistics"} <= set(extensions)
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelConfig(pb.ModelConfigRequest(name="nope"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
