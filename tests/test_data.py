@@ -573,8 +573,17 @@ def test_split_validation_of_zero_gives_an_empty_set() -> None:
 
 
 def test_split_validation_rejects_a_size_leaving_no_training_data() -> None:
-    with pytest.raises(DataError, match="validation size 10"):
+    # The message names the recipe field a user sets, and a size that fits.
+    with pytest.raises(DataError, match=r"data\.val_size 10 .* data\.val_size=5\b"):
         split_validation(numbered_set(10), 10, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("n", "held_out"), [(60_000, 5_000), (2_400, 240), (300, 100), (150, 75), (10, 5)]
+)
+def test_without_a_size_a_tenth_is_held_out_with_a_floor_and_a_cap(n: int, held_out: int) -> None:
+    rest, val = split_validation(numbered_set(n), None, seed=0)
+    assert len(val) == held_out and len(rest) == n - held_out
 
 
 def test_channel_stats_match_numpy() -> None:

@@ -34,7 +34,7 @@ FAST = [
 
 # ----------------------------------------------------------------------------- recipes
 def test_bundled_recipes_are_valid():
-    for name in ("shapes", "fashion_mnist", "mnist", "cifar10"):
+    for name in ("shapes", "fashion_mnist", "mnist", "cifar10", "imagefolder"):
         assert load_recipe(name).name
 
 

@@ -32,7 +32,9 @@ class DataConfig(_Strict):
     name: Literal["fashion-mnist", "mnist", "cifar10", "imagefolder", "shapes"]
     data_dir: str | None = None
     download: bool = True
-    val_size: int = Field(5000, ge=0)
+    # Images held out of training for validation; None: a tenth of the training images,
+    # at least min(100, half) and at most 5000 (trainer.data.default_val_size).
+    val_size: int | None = Field(None, ge=0)
     # Only imagefolder and shapes use these; the IDX and CIFAR files fix their own size.
     image_size: int | None = Field(None, ge=4, le=1024)
     channels: Literal[1, 3] | None = None
