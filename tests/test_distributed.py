@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,8 +94,9 @@ def epochs_logged(run: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in lines]
 
 
-def worker_pid(launcher: int, rank: int) -> int | None:
-    """The pid of the torchrun worker with RANK=rank started by `launcher` (Linux /proc)."""
+def worker_pid(launcher: int, rank: int | None) -> int | None:
+    """The pid of the torchrun worker with RANK=rank (any rank: None) started by `launcher`
+    (Linux /proc)."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -103,7 +105,8 @@ def worker_pid(launcher: int, rank: int) -> int | None:
             env = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == launcher and f"RANK={rank}".encode() in env:
+        wanted = b"RANK=" if rank is None else f"RANK={rank}".encode()
+        if ppid == launcher and any(e.startswith(wanted) for e in env):
             return int(proc.name)
     return None
 
@@ -194,6 +197,86 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
     assert_same_weights(run, one_process)
     # Resuming replays the lost epoch exactly: the uninterrupted 2-process run, bit for bit.
     uninterrupted = final_state(two_processes[0])
+    for part in ("model", "eval_model"):
+        for name, tensor in final_state(run)[part].items():
+            assert torch.equal(tensor, uninterrupted[part][name]), f"{part}.{name}"
+
+
+# ----------------------------------------------------------------------------- two machines
+# Two "machines" on one host: two torchrun agents, each on its own loopback address
+# (--local-addr), one process each, meeting at a c10d rendezvous on the first. Only loopback
+# addresses. They share the run folder, as machines share a volume (deploy/k8s).
+MACHINES = ("127.0.0.2", "127.0.0.3")
+
+
+def rendezvous_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_machines(run: Path, logs: Path, *args: str) -> list[subprocess.Popen]:
+    port, rdzv_id = rendezvous_port(MACHINES[0]), f"t{os.getpid()}{time.monotonic_ns()}"
+    agents = []
+    for i, addr in enumerate(MACHINES):
+        cmd = cnn_train(
+            run, "--nnodes", "2", "--nproc", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{MACHINES[0]}:{port}", "--rdzv-id", rdzv_id,
+            "--rdzv-conf", f"is_host={'true' if i == 0 else 'false'}",
+            "--local-addr", addr, *args, *NO_BN,
+        )  # fmt: skip
+        with open(logs / f"machine{i}.txt", "w") as out:
+            agents.append(subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out))
+    return agents
+
+
+def finish(agents: list[subprocess.Popen], logs: Path) -> str:
+    codes = [a.wait(timeout=300) for a in agents]
+    text = "\n".join(p.read_text() for p in sorted(logs.glob("machine*.txt")))
+    assert codes == [0, 0], text[-4000:]
+    return text
+
+
+@pytest.fixture(scope="module")
+def two_machines(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("machines")
+    run = base / "run"
+    finish(start_machines(run, base), base)
+    return run
+
+
+@pytest.mark.slow
+def test_two_machines_train_the_same_weights_as_one_process(one_process, two_machines):
+    worst = assert_same_weights(two_machines, one_process)
+    print(f"largest weight difference, 2 machines vs 1 process: {worst:.3g}")
+    assert epochs_logged(two_machines) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_on_the_second_machine_restarts_both_to_the_same_weights(
+    two_machines, tmp_path
+):
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.pt"
+    agents = start_machines(run, tmp_path, "--max-restarts", "1")
+    deadline = time.monotonic() + 240
+    while not last.exists() and agents[1].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first_epoch = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    time.sleep(first_epoch["epoch_seconds"] / 2)  # mid-epoch 2
+    victim = worker_pid(agents[1].pid, rank=None)
+    assert victim is not None, "no worker under the second machine's agent"
+    os.kill(victim, signal.SIGKILL)
+    console = finish(agents, tmp_path)
+    # The second agent restarts its failed worker (a restart counted against
+    # --max-restarts); the first sees the group change and restarts its own; both resume.
+    assert "failed (exitcode: -9)" in console
+    resumed = re.search(r"resumed from \S+last\.pt at epoch (\d+)", console)
+    assert resumed and int(resumed.group(1)) >= 1, console[-3000:]
+    assert epochs_logged(run) == [1, 2, 3]
+    # Both machines resumed from the last checkpoint and replayed the lost epoch exactly:
+    # the uninterrupted two-machine run's weights, bit for bit.
+    uninterrupted = final_state(two_machines)
     for part in ("model", "eval_model"):
         for name, tensor in final_state(run)[part].items():
             assert torch.equal(tensor, uninterrupted[part][name]), f"{part}.{name}"

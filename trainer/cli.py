@@ -83,6 +83,10 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous (several machines)")
     g.add_argument("--rdzv-id", help="a job id shared by all machines of one run")
     g.add_argument("--rdzv-conf", help="extra rendezvous settings, e.g. is_host=true")
+    g.add_argument(
+        "--local-addr",
+        help="this machine's address as the other machines reach it (default: its host name)",
+    )
     return p
 
 
@@ -95,6 +99,7 @@ LAUNCH_FLAGS = (  # the launcher's options above, each with a value
     "--rdzv-endpoint",
     "--rdzv-id",
     "--rdzv-conf",
+    "--local-addr",
 )
 
 
@@ -110,6 +115,7 @@ def _launch(args: argparse.Namespace, recipe: Recipe, argv: Sequence[str]) -> in
         args.rdzv_endpoint,
         args.rdzv_id,
         args.rdzv_conf,
+        args.local_addr,
     )
     if opts.fixed_world_size:  # refuse an indivisible batch here, once, not on every rank
         World(size=opts.fixed_world_size).batch_rows(recipe.train.batch_size)

@@ -206,6 +206,7 @@ class LaunchOptions:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     rdzv_conf: str | None = None
+    local_addr: str | None = None  # this machine's address as the others reach it
 
     def torchrun_args(self) -> list[str]:
         args = ["--nproc-per-node", str(self.nproc), "--nnodes", self.nnodes]
@@ -215,6 +216,7 @@ class LaunchOptions:
             ("--rdzv-endpoint", self.rdzv_endpoint),
             ("--rdzv-id", self.rdzv_id),
             ("--rdzv-conf", self.rdzv_conf),
+            ("--local-addr", self.local_addr),
         ):
             if value:
                 args += [flag, value]
