@@ -244,6 +244,28 @@ def test_unavailable_is_retried_until_the_server_comes_up(model_repository, imag
     assert len(retry.waits) >= 1  # it was refused, and retried
 
 
+def test_waiting_for_a_server_to_come_up_does_not_throttle_the_calls_after_it(model_repository):
+    """Health checks are probes: a client polling health until SERVING sees UNAVAILABLE many
+    times; its calls afterwards must still be sent (the throttle counts calls, not probes)."""
+    port = free_port()
+    with Client(f"127.0.0.1:{port}", timeout=0.5, retry=Retry(attempts=1)) as client:
+        for _ in range(15):  # nothing listens yet: more than the throttle's minimum of 10
+            with pytest.raises(PredictionError):
+                client.health()
+        assert client.throttle.reject_probability() == 0.0
+
+        def serving_now() -> bool:
+            try:
+                return client.health() == "SERVING"
+            except PredictionError:  # the channel reconnects after its own backoff
+                return False
+
+        with serving(model_repository, port=port) as server:
+            wait_for("SERVING", serving_now, timeout=60)
+            assert client.predict([np.zeros((1, 28, 28), np.uint8)])[0].label
+            assert server.value("convserve_requests_total", method="Predict", code="OK") == 1
+
+
 def test_a_client_refused_by_its_server_sends_it_less_not_more(model_repository, images):
     """Adaptive throttling: a server that refuses every call (8 images against a queue of 1
     row) soon gets only a trickle of them; the caller gets RESOURCE_EXHAUSTED at once."""

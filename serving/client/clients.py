@@ -10,6 +10,7 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -59,6 +60,9 @@ class _ClientBase:
         self.timeout = timeout
         self.retry = retry
         self.throttle = Throttle(retry)  # shared by this client's calls
+        # Health checks are probes: one waiting for a server to come up sees UNAVAILABLE many
+        # times, which must not make the client throttle the calls that follow.
+        self.probe_throttle = Throttle(replace(retry, throttle_k=None, retry_budget=None))
         self.metadata = tuple(metadata) + bearer_metadata(auth_token)
         if load_balancing is None:
             load_balancing = default_load_balancing(target)
@@ -66,10 +70,13 @@ class _ClientBase:
         self.channel = connect(self.target, opts, tls, aio=self._aio)
         self.stub = pb_grpc.ClassifierStub(self.channel)
 
-    def _attempts(self, timeout: float | None) -> Attempts:
-        return Attempts(self.retry, timeout if timeout is not None else self.timeout, self.throttle)
+    def _attempts(self, timeout: float | None, probe: bool = False) -> Attempts:
+        throttle = self.probe_throttle if probe else self.throttle
+        return Attempts(self.retry, timeout if timeout is not None else self.timeout, throttle)
 
-    def _invoke(self, method: Any, build: Build, parse: Parse, timeout: float | None) -> Any:
+    def _invoke(
+        self, method: Any, build: Build, parse: Parse, timeout: float | None, probe: bool = False
+    ) -> Any:
         """Send `build()` with `method` under the retry policy; `parse` the answer. The
         request is built here, inside the call, so that AsyncClient raises bad input when
         its call is awaited."""
@@ -107,7 +114,7 @@ class _ClientBase:
     ) -> Explanation:
         """Occlusion heatmap (and optionally a stage's activation maps) for one image.
 
-        patch_size/stride 0 use the server's defaults (a quarter of the image; stride = patch);
+        patch_size/stride 0 use the server's defaults (a seventh of the image; stride = patch);
         target_class None tracks the top-1 class. Costs the server 1 + P forward passes.
         """
         build = functools.partial(
@@ -127,7 +134,7 @@ class _ClientBase:
         """grpc.health.v1 status name: SERVING, NOT_SERVING, ..."""
         check = health_pb2_grpc.HealthStub(self.channel).Check
         build = functools.partial(health_pb2.HealthCheckRequest, service=service)
-        return self._invoke(check, build, _status_name, None)
+        return self._invoke(check, build, _status_name, None, probe=True)
 
 
 def _status_name(resp: health_pb2.HealthCheckResponse) -> str:
@@ -143,8 +150,10 @@ class Client(_ClientBase):
     `auth_token=` sends `authorization: Bearer <token>` with every call.
     """
 
-    def _invoke(self, method: Any, build: Build, parse: Parse, timeout: float | None) -> Any:
-        request, tries = build(), self._attempts(timeout)
+    def _invoke(
+        self, method: Any, build: Build, parse: Parse, timeout: float | None, probe: bool = False
+    ) -> Any:
+        request, tries = build(), self._attempts(timeout, probe)
         while True:
             try:
                 response = method(request, timeout=tries.timeout(), metadata=self.metadata)
@@ -211,8 +220,10 @@ class AsyncClient(_ClientBase):
 
         async def health(self, service: str = "") -> str: ...  # type: ignore[override]
 
-    async def _invoke(self, method: Any, build: Build, parse: Parse, timeout: float | None) -> Any:
-        request, tries = build(), self._attempts(timeout)
+    async def _invoke(
+        self, method: Any, build: Build, parse: Parse, timeout: float | None, probe: bool = False
+    ) -> Any:
+        request, tries = build(), self._attempts(timeout, probe)
         while True:
             try:
                 response = await method(request, timeout=tries.timeout(), metadata=self.metadata)
