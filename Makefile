@@ -96,9 +96,12 @@ bench-train: install data  ## trainer vs a minimal hand-written loop; writes ben
 bench-export: install data  ## ORT CPU images/s of the fp32, optimised and INT8 exports; writes bench/results/export.json
 	$(PY) bench/export_bench.py --out bench/results/export.json
 
-bench-explain: install data  ## Explain vs Predict latency and forward passes (model from bench-export); writes bench/results/explain.json
+bench-explain: install data  ## Explain latency and forward passes, then explanation quality (pointing game, deletion/insertion) against captum; writes bench/results/explain.json, explain_quality.json
 	test -f runs/bench-export/models/fashion-mnist/1/model.onnx || $(MAKE) bench-export
 	$(PY) bench/explain_bench.py --out bench/results/explain.json
+	# captum's metadata pins numpy<2; it runs on numpy 2, and its deps would downgrade ours
+	$(PIP) install -q --no-deps 'captum==0.8.0'
+	$(PY) bench/explain_quality.py --run runs/bench-export/run --out bench/results/explain_quality.json
 
 TRITON_BENCH_VENV := bench/.venv-triton
 

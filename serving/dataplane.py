@@ -67,7 +67,7 @@ class Classification:
 @dataclass(frozen=True)
 class ExplainRequest:
     image: ImageInput
-    patch: int  # 0: the server's default (a quarter of the image)
+    patch: int  # 0: the server's default (a seventh of the image's side)
     stride: int  # 0: the patch size
     target: int | None  # None: the top-1 class
     stage: str  # "": no activation maps
@@ -285,7 +285,8 @@ class DataPlane:
         if stage and stage not in mv.stages:
             have = ", ".join(mv.stages) or "none: this version has no model.insight.onnx"
             raise InvalidInput(f"activation_stage {stage!r} is not a stage (stages: {have})")
-        rows = occlusion.occluded_rows(image, g, occlusion.fill_value(mv.manifest.mean))
+        fill = occlusion.baseline_fill(image, occlusion.DEFAULT_FILL, mv.manifest.mean, g.patch)
+        rows = occlusion.occluded_rows(image, g, fill)
         out = await mv.batcher.submit(rows, deadline)
         result = occlusion.heatmap_from(out[:, 1], g, target)
         maps = await self._activations(mv, image, stage) if stage else None

@@ -280,7 +280,8 @@ def test_services_select_the_pods_and_only_the_clusterip_one_is_scraped():
     assert pdb["selector"]["matchLabels"].items() <= labels.items()
     policy = objs["NetworkPolicy/convserve"]["spec"]
     ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-    assert ports == {50051, 8080, 8000} and policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert ports == {50051, 8080, 8000}
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
 
 
 def test_hpa_scales_on_cpu_and_on_the_adapter_exposed_inflight_metric():

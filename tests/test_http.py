@@ -294,7 +294,7 @@ def test_rest_predict_and_explain_of_a_png_agree_with_grpc(server, fashion_test)
         server.url, "POST", f"/v1/models/{MODEL}/explain?activation_stage=", png(image)
     ).json()
     assert ex["prediction"]["classes"][0]["label"] == rest[0]["label"]
-    assert ex["overlay_png"] and ex["heatmap"]["shape"] == [4, 4]
+    assert ex["overlay_png"] and ex["heatmap"]["shape"] == [7, 7]
     info = call(server.url, "GET", f"/v1/models/{MODEL}").json()
     assert info["labels"][ex["target_class"]] == rest[0]["label"]
     assert 0 < info["test_accuracy"] <= 1

@@ -24,7 +24,8 @@ from PIL import Image
 from torch import nn
 
 from serving.client import Client, PredictionError, predict_main
-from serving.occlusion import Grid, grid, occlusion, peak
+from serving.faithfulness import evaluate
+from serving.occlusion import DEFAULT_FILL, Grid, baseline_fill, grid, occlusion, peak, pixel_map
 from tests.inprocess import serving
 from tests.serving_helpers import ROOT
 from trainer.data import load_dataset, make_shapes
@@ -222,11 +223,49 @@ def test_explain_over_grpc_equals_the_shared_function_and_counts_1_plus_p_items(
         assert ex.target_class == want.target == ex.classes[0].index
         assert computed == 1 + 144  # through the batcher, in batches of 16
         assert ex.activations is not None and list(ex.activations.shape) == stage["shape"]
-        # A fixed target class and the defaults (quarter-image patch, stride = patch).
+        # A fixed target class and the defaults (a seventh of the side, stride = patch).
         other = client.explain(image, target_class=3, render_png=True)
-        assert other.target_class == 3 and other.heatmap.shape == (4, 4)
+        assert other.target_class == 3 and other.heatmap.shape == (7, 7)
         assert Image.open(io.BytesIO(other.overlay_png)).size == (28 * 8, 28 * 8)
         assert server.value("convserve_requests_total", method="Explain", code="OK") == 2
+
+
+def test_explains_default_points_at_the_garment_and_its_deletion_beats_random_order(
+    model_repository, version_dir, fashion_test, record_property
+):
+    """Faithfulness of Explain's default (serving/faithfulness.py) on 100 stratified
+    Fashion-MNIST test images, with the suite's trained fixture (`model_repository`: two
+    epochs of a small CNN, 0.89 test accuracy). Measured on it: pointing 99%, deletion AUC
+    0.12 against 0.49 for the same pixels in random order, insertion 0.85. The bars leave
+    room for another machine's kernels: pointing >= 90% (the issue's bar), deletion below
+    0.75 x random."""
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    sess = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return sess.run(["probabilities"], {"images": x})[0]
+
+    rng = np.random.default_rng(0)
+    labels = fashion_test.labels
+    idx = np.sort(np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), 10, replace=False) for c in range(10)]
+    ))  # fmt: skip
+    images = fashion_test.images[idx]
+    g = grid(28, 28)  # the server's default
+    with serving(model_repository) as server, Client(server.target) as client:
+        explanations = [client.explain(image) for image in images]
+    maps, peaks, targets = [], [], []
+    for image, ex in zip(images, explanations, strict=True):
+        fill = baseline_fill(image, DEFAULT_FILL, manifest["mean"], g.patch)
+        maps.append(pixel_map(ex.heatmap, g, image, fill))
+        peaks.append(peak(ex.heatmap, g))
+        targets.append(ex.target_class)
+    s = evaluate(images, np.array(targets), np.stack(maps), np.array(peaks), predict)
+    for name in ("pointing", "background", "deletion", "random_deletion", "insertion"):
+        record_property(name, getattr(s, name))
+    print(f"Explain default: {s}")
+    assert s.pointing >= 0.90, s
+    assert s.deletion < 0.75 * s.random_deletion, s
 
 
 @pytest.mark.parametrize(

@@ -100,9 +100,7 @@ def default_val_size(n: int) -> int:
     return min(VAL_CAP, max(min(VAL_FLOOR, n // 2), round(VAL_FRACTION * n)))
 
 
-def split_validation(
-    train: ImageSet, val_size: int | None, seed: int
-) -> tuple[ImageSet, ImageSet]:
+def split_validation(train: ImageSet, val_size: int | None, seed: int) -> tuple[ImageSet, ImageSet]:
     """Split ``train`` into (rest, validation) by a seeded random permutation.
 
     Both parts keep the original order of their images. ``val_size`` None takes
