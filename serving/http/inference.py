@@ -78,9 +78,10 @@ def _typed_values(data: Any, datatype: str) -> np.ndarray | None:
 
 def infer_request(
     doc: Any, binary: memoryview, model: str, version: str
-) -> tuple[v2.InferRequest, bool, float | None]:
-    """A V2 JSON inference request -> (the core request, whether outputs default to binary,
-    its deadline as a time.monotonic() value from Triton's `timeout` parameter in us)."""
+) -> tuple[v2.InferRequest, frozenset[str], float | None]:
+    """A V2 JSON inference request -> (the core request, the outputs to answer as binary
+    tensors, its deadline as a time.monotonic() value from Triton's `timeout` parameter in
+    microseconds)."""
     doc = _object(doc, "the inference request")
     params = _object(doc.get("parameters", {}), "parameters")
     inputs, offset = [], 0
@@ -119,10 +120,10 @@ def infer_request(
         inputs,
         [w for w, _ in outputs],
     )
-    binary_names = {w.name for w, b in outputs if b}
+    binary_names = frozenset(w.name for w, b in outputs if b)
     if not outputs and binary_default:
-        binary_names = set(v2.OUTPUT_NAMES)
-    return request, frozenset(binary_names), _deadline(params.get("timeout"))
+        binary_names = frozenset(v2.OUTPUT_NAMES)
+    return request, binary_names, _deadline(params.get("timeout"))
 
 
 def _deadline(timeout_us: Any) -> float | None:
@@ -132,7 +133,7 @@ def _deadline(timeout_us: Any) -> float | None:
 
 
 def infer_response(
-    r: v2.InferResponse, binary_names: frozenset[str] | set[str]
+    r: v2.InferResponse, binary_names: frozenset[str]
 ) -> tuple[bytes, Mapping[str, str]]:
     """The response body and its headers: JSON, or JSON + binary tensors."""
     outputs, chunks = [], []
