@@ -159,6 +159,17 @@ def test_model_control_in_poll_mode_is_a_failed_precondition(stub):
         assert "--model-control-mode explicit" in err.value.details()
 
 
+def test_none_mode_loads_at_start_and_refuses_model_control(model_repository, images):
+    with serving(model_repository, model_control_mode="none") as s, s.channel() as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert probabilities(stub.ModelInfer(infer_request(images[:1]))).shape == (1, 10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--model-control-mode none" in err.value.details()
+        assert s.app is not None and s.app.repository._poller is None  # never scans again
+
+
 def test_a_broken_model_is_listed_unavailable_with_its_reason(model_repository, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(model_repository, repo)
