@@ -113,6 +113,47 @@ def captum_maps(
     return maps, np.array([faithfulness.pixel_peak(m) for m in maps])
 
 
+def background_examples(
+    images: np.ndarray,
+    old: tuple[np.ndarray, np.ndarray],
+    new: tuple[np.ndarray, np.ndarray],
+    path: Path,
+    n: int = 8,
+) -> None:
+    """Test images whose old-default peak sits on pure background: the image, the old map
+    (grey training-mean patches, 7/7) and the new one (the image's background, 4/4), each
+    peak marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = [i for i, (x, y) in enumerate(old[1]) if faithfulness.on_background(images[i], x, y)][
+        :n
+    ]
+    if not picks:
+        return
+    fig, axes = plt.subplots(3, len(picks), figsize=(1.6 * len(picks), 5.2), squeeze=False)
+    rows = (("image", None), ("old default: grey, 7/7", old), ("new: background, 4/4", new))
+    for r, (label, maps) in enumerate(rows):
+        for c, i in enumerate(picks):
+            ax = axes[r][c]
+            ax.imshow(images[i][0], cmap="gray")
+            if maps is not None:
+                m = np.nan_to_num(maps[0][i])
+                top = float(np.abs(m).max()) or 1.0  # red: evidence, blue: against
+                ax.imshow(m, cmap="bwr", vmin=-top, vmax=top, alpha=0.6)
+                ax.plot(*maps[1][i], "c+", markersize=12, markeredgewidth=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=7)
+    fig.suptitle("Peaks on pure background (+): the old default against the new", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=ROOT / "runs/bench-export/run",
@@ -146,6 +187,7 @@ def main() -> int:
 
     fills = [(f,) for f in occlusion.FILLS] + [("background", "blur", "train_mean")]
     grids = [tuple(int(v) for v in g.split(":")) for g in args.grids.split(",")]
+    kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for patch, stride in grids:
         for fill in fills:
             t0 = time.perf_counter()
@@ -153,6 +195,10 @@ def main() -> int:
                                          patch, stride)  # fmt: skip
             name = f"occlusion {patch}/{stride} {'+'.join(fill)}"
             score(name, maps, peaks, time.perf_counter() - t0)
+            kept[name] = (maps, peaks)
+    old, new = "occlusion 7/7 train_mean", "occlusion 4/4 background"
+    if old in kept and new in kept:
+        background_examples(images, kept[old], kept[new], args.out.with_suffix(".png"))
     if not args.no_captum:
         checkpoint = args.run / "checkpoints" / "best.pt"
         patch, stride = grids[0]
