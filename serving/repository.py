@@ -154,21 +154,25 @@ class ModelRepository:
             except Exception:  # a poll must never stop polling
                 log.exception("repository scan failed")
 
-    def _candidates(self) -> dict[str, list[int]]:
+    def _model_dirs(self) -> list[Path]:
+        """The repository's model folders (valid names), sorted; OSError when unreadable."""
         root = self.config.root
+        return sorted(p for p in root.iterdir() if p.is_dir() and valid_model_name(p.name))
+
+    def _candidates(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         try:
-            entries = sorted(p for p in root.iterdir() if p.is_dir())
+            dirs = self._model_dirs()
         except OSError as exc:
-            self.last_error = f"model repository {root} is not readable: {exc}"
+            self.last_error = f"model repository {self.config.root} is not readable: {exc}"
             log.error(self.last_error)
             return out
-        for mdir in entries:
-            name = mdir.name
-            wanted = self.selected if self.explicit else self.config.models
-            if not valid_model_name(name) or ((wanted or self.explicit) and name not in wanted):
+        for mdir in dirs:
+            # The --model names (only those load/unload changed, with explicit control);
+            # none named: every model, unless control is explicit.
+            if (self.selected or self.explicit) and mdir.name not in self.selected:
                 continue
-            out[name] = published_versions(mdir)[::-1]
+            out[mdir.name] = published_versions(mdir)[::-1]
         return out
 
     async def scan(self) -> None:
@@ -199,9 +203,9 @@ class ModelRepository:
         each version served, UNAVAILABLE (version None) with the reason for the others."""
         out: list[tuple[str, int | None, str, str]] = []
         with contextlib.suppress(OSError):
-            for mdir in sorted(p for p in self.config.root.iterdir() if p.is_dir()):
+            for mdir in self._model_dirs():
                 name = mdir.name
-                if not valid_model_name(name) or not published_versions(mdir):
+                if not published_versions(mdir):
                     continue
                 served = self._models.get(name)
                 if served:

@@ -18,9 +18,11 @@ from serving.shm import SharedSlice
 def infer_request(request: pb.ModelInferRequest) -> tuple[v2.InferRequest, bool]:
     """The core request, and whether it names shared memory (for clients on this host)."""
     raw = request.raw_input_contents
+    shared = False
     inputs = []
     for t in request.inputs:
         data = _shared(t.parameters) if t.parameters else None
+        shared = shared or data is not None
         if data is None:
             data = None if raw else _typed(t)
         inputs.append(v2.InferInput(t.name, t.datatype, tuple(t.shape), data))
@@ -28,9 +30,10 @@ def infer_request(request: pb.ModelInferRequest) -> tuple[v2.InferRequest, bool]
     for o in request.outputs:
         p = o.parameters
         k = p["classification"].int64_param if "classification" in p else 0
-        outputs.append(v2.RequestedOutput(o.name, k, _shared(p) if p else None))
+        region = _shared(p) if p else None
+        shared = shared or region is not None
+        outputs.append(v2.RequestedOutput(o.name, k, region))
     version = v2.version_number(request.model_version)
-    shared = any(isinstance(t.data, SharedSlice) for t in inputs) or any(o.shared for o in outputs)
     ask = v2.InferRequest(request.model_name, version, request.id, inputs, outputs, list(raw))
     return ask, shared
 

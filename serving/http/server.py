@@ -40,7 +40,8 @@ def _version(request: web.Request) -> str:
     return request.match_info.get("version", "")
 
 
-def _v1_version(request: web.Request) -> int | None:
+def _version_number(request: web.Request) -> int | None:
+    """The path's version as the repository's number (None: the latest)."""
     return v2.version_number(_version(request))
 
 
@@ -88,8 +89,7 @@ class Handlers:
 
     @endpoint("ModelMetadata", "metadata")
     async def model_metadata(self, request: web.Request) -> web.Response:
-        version = v2.version_number(_version(request))
-        m = self.plane.model_metadata(request.match_info["model"], version)
+        m = self.plane.model_metadata(request.match_info["model"], _version_number(request))
         return _json(inference.metadata(m))
 
     @endpoint("ModelReady", "metadata")
@@ -134,7 +134,7 @@ class Handlers:
 
     @endpoint("GetModelInfo", "metadata")
     async def model_info(self, request: web.Request) -> web.Response:
-        info = self.plane.model_info(request.match_info["model"], _v1_version(request))
+        info = self.plane.model_info(request.match_info["model"], _version_number(request))
         return _json(classifier.model_info(info))
 
     @endpoint("Predict", "inference")
@@ -143,7 +143,7 @@ class Handlers:
         body = await request.read()
         c = await self.plane.predict(
             request.match_info["model"],
-            _v1_version(request),
+            _version_number(request),
             [classifier.image(body)],
             top_k,
             None,
@@ -153,7 +153,9 @@ class Handlers:
     @endpoint("Explain", "inference")
     async def explain(self, request: web.Request) -> web.Response:
         ask = classifier.explain_request(request.query, await request.read())
-        ex = await self.plane.explain(request.match_info["model"], _v1_version(request), ask, None)
+        ex = await self.plane.explain(
+            request.match_info["model"], _version_number(request), ask, None
+        )
         return _json(classifier.explanation(ex))
 
     # -- the page ----------------------------------------------------------------------
