@@ -35,6 +35,11 @@ FASHION_FAST = [
     "data.download=false",
     "augment.crop_padding=0",
     "augment.flip=false",
+    # the suite's served model is the plain network trained the plain way: test-time views
+    # and Muon have their own tests (test_training_tricks.py)
+    "optim.conv_update=sgd",
+    "export.tta=none",
+    "train.select=val_accuracy",
 ]
 
 

@@ -109,7 +109,7 @@ def _linearised(model: Classifier) -> nn.Module:
 
     def swap(module: nn.Module) -> None:
         for name, child in module.named_children():
-            if isinstance(child, (nn.BatchNorm2d, nn.ReLU, nn.Dropout)):
+            if isinstance(child, (nn.BatchNorm2d, nn.ReLU, nn.GELU, nn.Dropout)):
                 setattr(module, name, nn.Identity())
             elif isinstance(child, nn.MaxPool2d):
                 setattr(module, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
@@ -136,10 +136,12 @@ def _empirical_box(features: nn.Module, n_layers: int, in_shape, y: int, x: int)
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-@pytest.mark.parametrize("preset", ["default", "lenet5"])
+@pytest.mark.parametrize("preset", ["default", "lenet5", "whitened"])
 def test_empirical_receptive_field_equals_the_plan_for_every_layer(preset):
     cfg = load_recipe("fashion_mnist").model
-    if preset != "default":
+    if preset == "whitened":  # a 2x2 whitening first layer, no padding: a real layer
+        cfg = load_recipe(ROOT / "bench" / "recipes" / "fashion_mnist_whitened.yaml").model
+    elif preset != "default":
         cfg = cfg.model_copy(update={"preset": preset, "layers": None})
     in_shape = (1, 28, 28)
     model = Classifier(resolve_layers(cfg), in_shape, 10, [0.5], [0.25]).eval()

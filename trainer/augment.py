@@ -29,9 +29,14 @@ def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 class BatchAugment:
     """Applies the recipe's augmentations to rows `rows` of a global batch of size `total`."""
 
-    def __init__(self, cfg: AugmentConfig, fill: tuple[int, ...]):
+    def __init__(self, cfg: AugmentConfig, fill: tuple[int, ...], images: int = 0, seed: int = 0):
         self.cfg = cfg
         self.fill = fill  # per-channel uint8 value used for erasing (the dataset mean)
+        # "alternate" flips: which images the first epoch mirrors, one draw per image
+        self.first_flips: torch.Tensor | None = None
+        if cfg.flip == "alternate":
+            g = torch.Generator().manual_seed(seed)
+            self.first_flips = torch.rand(images, generator=g) < 0.5
 
     @property
     def active(self) -> bool:
@@ -39,8 +44,16 @@ class BatchAugment:
         return c.crop_padding > 0 or c.flip or c.erase_prob > 0
 
     def __call__(
-        self, x: torch.Tensor, g: torch.Generator, total: int | None = None, offset: int = 0
+        self,
+        x: torch.Tensor,
+        g: torch.Generator,
+        total: int | None = None,
+        offset: int = 0,
+        *,
+        ids: torch.Tensor | None = None,
+        epoch: int = 0,
     ) -> torch.Tensor:
+        """`ids`: the rows' indices in the training set (alternate flips need them)."""
         n, _, h, w = x.shape
         total = total or n
         rows = slice(offset, offset + n)
@@ -56,7 +69,12 @@ class BatchAugment:
             ib = torch.arange(n, device=dev)[:, None, None, None]
             ic = torch.arange(x.shape[1], device=dev)[None, :, None, None]
             x = padded[ib, ic, iy, ix]
-        if c.flip:
+        if c.flip == "alternate":
+            if self.first_flips is None or ids is None:
+                raise ValueError("alternate flips need the images' training-set indices")
+            flip = (self.first_flips[ids.cpu()] ^ bool(epoch % 2)).to(dev)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        elif c.flip:
             flip = (torch.rand(total, generator=g) < 0.5)[rows].to(dev)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if c.erase_prob > 0:

@@ -66,3 +66,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Fields a resumed run may change without changing what it computes.
+RESUMABLE_CHANGES = (
+    "data.data_dir",
+    "data.download",
+    "train.device",
+    "train.sync_batchnorm",
+    "export.",
+)
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that does not belong to this recipe."""
+
+
+def check_same_recipe(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint with a recipe that would compute something else."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    a, b = flat(saved), flat(current)
+    diff = sorted(
+        k
+        for k in set(a) | set(b)
+        if a.get(k) != b.get(k) and not any(k.startswith(p) for p in RESUMABLE_CHANGES)
+    )
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+        raise ResumeError(f"checkpoint was written by a different recipe ({shown})")

@@ -139,13 +139,13 @@ def _without_launch_options(argv: Sequence[str]) -> list[str]:
 def train_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _train_parser().parse_args(argv)
-    from trainer.checkpoint import CheckpointError
+    from trainer.checkpoint import CheckpointError, ResumeError
     from trainer.distributed import World
 
     world = World.from_env()
     setup_logging(args.quiet or not world.is_main)  # the other ranks stay quiet
     from trainer.engine import TrainingDiverged
-    from trainer.run import ResumeError, fit
+    from trainer.run import fit
 
     overrides = list(args.overrides)
     if args.data_dir:
@@ -163,8 +163,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not world.is_main:
         return 0
+    views = (
+        f" with {result.tta} test-time views ({result.test_accuracy_no_tta:.4f} without)"
+        if result.tta != "none"
+        else ""
+    )
     print(
-        f"test accuracy {result.test_accuracy:.4f} after {result.epochs_run} epochs "
+        f"test accuracy {result.test_accuracy:.4f}{views} after {result.epochs_run} epochs "
         f"({result.train_seconds:.0f}s, {result.images_per_s:.0f} img/s); "
         f"results in {result.run_dir / 'results.json'}"
     )
@@ -238,6 +243,12 @@ def _export_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="reject variants more than P test-accuracy points below fp32 (default 0.5)",
     )
+    p.add_argument(
+        "--tta",
+        choices=["none", "mirror", "mirror_shift"],
+        help="test-time views in the graph: 2x (mirror) or 6x (mirror_shift) the compute per "
+        "image (default: the recipe's export.tta)",
+    )
     p.add_argument("--data-dir", help="folder holding the dataset's files (for the parity check)")
     p.add_argument("--quiet", action="store_true", help="warnings only")
     return p
@@ -260,6 +271,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
             fp16=args.fp16,
             max_accuracy_drop=args.max_accuracy_drop,
             data_dir=args.data_dir,
+            tta=args.tta,
         )
     except ExportError as exc:
         print(f"cnn-export: error: {_one_line(exc)}", file=sys.stderr)

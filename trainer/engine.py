@@ -26,8 +26,9 @@ from serving.cores import usable_cores
 from trainer import data as datalib
 from trainer.augment import BatchAugment, KeyedDropout, set_dropout_step, step_generator
 from trainer.distributed import ONE_PROCESS, World
-from trainer.optim import EMA
+from trainer.optim import EMA, Lookahead
 from trainer.recipe import Recipe, TrainConfig, load_recipe_data
+from trainer.tta import WithTTA
 
 
 class TrainingDiverged(RuntimeError):
@@ -126,6 +127,7 @@ class TrainStep:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: EMA | None = None
+    lookahead: Lookahead | None = None
     grad_clip: float | None = None
     autocast: bool = False  # bf16, CUDA only
     world: World = ONE_PROCESS
@@ -148,6 +150,8 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()  # 4. update the weights
         self.scheduler.step()
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.model, self.scheduler.last_epoch)
         if self.ema is not None:
             self.ema.update(self.model)
         return batch_loss, logits
@@ -206,7 +210,8 @@ def train_one_epoch(
         idx = perm[step * batch_size : (step + 1) * batch_size][mine]
         x, y = data.train_x[idx], data.train_y[idx]
         if augment.active:
-            x = augment(x, step_generator(seed, epoch, step), total=batch_size, offset=mine.start)
+            g = step_generator(seed, epoch, step)
+            x = augment(x, g, total=batch_size, offset=mine.start, ids=idx, epoch=epoch)
         set_dropout_step(dropouts, (seed, epoch, step), batch_size, mine.start)
         loss, logits = step_fn(_layout(x, channels_last), y)
         loss_sum += loss.detach()
@@ -239,8 +244,10 @@ def evaluate(
     channels_last: bool = False,
     autocast: bool = False,
     world: World = ONE_PROCESS,
+    tta: str = "none",
 ) -> EvalResult:
-    """Loss, accuracy, predictions and probabilities of `model` on a labelled uint8 set.
+    """Loss, accuracy, predictions and probabilities of `model` on a labelled uint8 set,
+    through the test-time views `tta` (trainer.tta; "none": the plain forward pass).
 
     On several processes each rank evaluates its shard of the rows; loss sums are added and
     probabilities gathered, so every rank returns the result for the whole set.
@@ -250,13 +257,14 @@ def evaluate(
         return EvalResult(float("nan"), float("nan"), np.zeros(0, np.int64), np.zeros((0, 0)))
     was_training = model.training
     model.eval()
+    forward = WithTTA(model, tta) if tta != "none" else model
     mine = world.shard(n)
     xs, ys = images[mine], labels[mine]
     probs, losses = [], []
     for i in range(0, max(1, len(xs)), batch_size):  # a rank with no rows still answers
         x = _layout(xs[i : i + batch_size], channels_last)
         with _autocast(images.device, autocast):
-            logits = model(x).float()
+            logits = forward(x).float()
         losses.append(F.cross_entropy(logits, ys[i : i + batch_size], reduction="sum"))
         probs.append(torch.softmax(logits, dim=1))
     model.train(was_training)

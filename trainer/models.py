@@ -28,7 +28,9 @@ from trainer.recipe import (
     RecipeError,
     ReluLayer,
     ResidualLayer,
+    WhitenLayer,
 )
+from trainer.whitening import Whiten
 
 
 def _conv(filters: int, kernel: int = 3, stride: int = 1, **kw) -> ConvLayer:
@@ -162,6 +164,17 @@ def plan(
             rf += (spec.kernel - 1) * jump
             jump *= spec.stride
             shape = new
+        elif isinstance(spec, WhitenLayer):
+            if i != 0:
+                raise RecipeError(
+                    f"model.layers[{i}] (whiten): whitens the input image; it must be layer 0"
+                )
+            k = spec.kernel
+            new = spatial(i, "whiten", k, 1, 0, 2 * shape[0] * k * k)
+            params = new[0] * shape[0] * k * k + new[0]
+            start += (k - 1) / 2 * jump
+            rf += (k - 1) * jump
+            shape = new
         elif isinstance(spec, PoolLayer):
             s = spec.stride or spec.kernel
             shape = spatial(i, "pool", spec.kernel, s, 0, shape[0] if len(shape) == 3 else 0)
@@ -250,9 +263,16 @@ class Residual(nn.Module):
         return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
+def _activation(name: str) -> list[nn.Module]:
+    return {"relu": [nn.ReLU(inplace=True)], "gelu": [nn.GELU()], "none": []}[name]
+
+
 def _init_conv(conv: nn.Conv2d, how: str) -> None:
-    if how == "kaiming":
+    if how in ("kaiming", "dirac"):
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if how == "dirac":  # the first filters pass their input channel through
+        with torch.no_grad():
+            nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
     elif how == "xavier":
         nn.init.xavier_uniform_(conv.weight)
     if conv.bias is not None and how != "default":
@@ -268,9 +288,11 @@ def _build_layer(spec: LayerSpec, in_shape: tuple[int, ...]) -> nn.Module:
         mods: list[nn.Module] = [conv]
         if spec.bn:
             mods.append(nn.BatchNorm2d(spec.filters))
-        if spec.act == "relu":
-            mods.append(nn.ReLU(inplace=True))
-        return nn.Sequential(*mods)
+        return nn.Sequential(*mods, *_activation(spec.act))
+    if isinstance(spec, WhitenLayer):
+        return nn.Sequential(
+            Whiten(in_shape[0], spec.kernel, spec.bias_epochs), *_activation(spec.act)
+        )
     if isinstance(spec, PoolLayer):
         pool = nn.MaxPool2d if spec.kind == "max" else nn.AvgPool2d
         return pool(spec.kernel, spec.stride or spec.kernel)
@@ -319,7 +341,10 @@ class Classifier(nn.Module):
         return [r.index for r in self.rows if r.is_stage]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(x)
+        return self.forward_normalised(self.preprocess(x))
+
+    def forward_normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of an already normalised float batch (what test-time views work on)."""
         for layer in self.features:
             x = layer(x)
         return self.classifier(self.dropout(self.flatten(x)))
@@ -347,4 +372,12 @@ def build_model(
     std: Sequence[float],
 ) -> Classifier:
     """Build the classifier a recipe describes (validated analytically first)."""
-    return Classifier(resolve_layers(cfg), in_shape, num_classes, mean, std, cfg.classifier_dropout)
+    model = Classifier(
+        resolve_layers(cfg), in_shape, num_classes, mean, std, cfg.classifier_dropout
+    )
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = cfg.bn_momentum
+            if cfg.bn_scale == "frozen":  # stays 1: the next layer sets the scale
+                bn.weight.requires_grad_(False)
+    return model

@@ -43,8 +43,11 @@ class DataConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    crop_padding: int = Field(0, ge=0, le=16)
-    flip: bool = False
+    crop_padding: int = Field(0, ge=0, le=16)  # random translations of up to this many pixels
+    # Horizontal mirror: true flips a random half of each batch; "alternate" flips a random
+    # half of the images in the first epoch and then exactly the other half every other
+    # epoch (airbench's derandomised flip: every image is seen both ways every two epochs).
+    flip: bool | Literal["alternate"] = False
     erase_prob: float = Field(0.0, ge=0.0, le=1.0)
     erase_max_fraction: float = Field(0.25, gt=0.0, le=1.0)
 
@@ -57,8 +60,22 @@ class ConvLayer(_Strict):
     stride: int = Field(1, ge=1)
     padding: int | Literal["same"] = "same"
     bn: bool = True
-    act: Literal["relu", "none"] = "relu"
-    init: Literal["kaiming", "xavier", "default"] = "kaiming"
+    act: Literal["relu", "gelu", "none"] = "relu"
+    # "dirac": kaiming, then the first min(in, out) filters set to pass their input channel
+    # through unchanged (identity initialisation, airbench)
+    init: Literal["kaiming", "xavier", "dirac", "default"] = "kaiming"
+
+
+class WhitenLayer(_Strict):
+    """A frozen patch-whitening convolution (airbench): 2 x C x kernel^2 filters, the
+    eigenvectors of the training patches' covariance scaled by 1/sqrt(eigenvalue), and their
+    negatives; no padding. Set from the training images before the first step and never
+    trained; its bias trains for the first `bias_epochs` epochs only (None: throughout)."""
+
+    type: Literal["whiten"]
+    kernel: int = Field(2, ge=1, le=5)
+    act: Literal["relu", "gelu", "none"] = "gelu"
+    bias_epochs: int | None = Field(3, ge=0)
 
 
 class PoolLayer(_Strict):
@@ -102,6 +119,7 @@ class LinearLayer(_Strict):
 
 LayerSpec = Annotated[
     ConvLayer
+    | WhitenLayer
     | PoolLayer
     | ResidualLayer
     | ReluLayer
@@ -119,6 +137,10 @@ class ModelConfig(_Strict):
     preset: str | None = None
     layers: list[LayerSpec] | None = None
     classifier_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Batch norm: the running statistics' momentum (torch's convention: the weight of the
+    # newest batch) and whether the scale is trained or frozen at 1 (airbench: frozen, 0.4).
+    bn_momentum: float = Field(0.1, gt=0.0, le=1.0)
+    bn_scale: Literal["trained", "frozen"] = "trained"
 
     @model_validator(mode="after")
     def _one_of(self) -> ModelConfig:
@@ -135,6 +157,16 @@ class OptimConfig(_Strict):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0.0)
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    # Conv filters' update: the optimiser's, or "muon": the momentum of the gradient
+    # orthogonalised by Newton-Schulz iterations (filters flattened to out x in*k*k) at
+    # `muon_lr`, each filter bank renormalised (trainer.optim.MuonSGD). Everything else
+    # keeps SGD.
+    conv_update: Literal["sgd", "muon"] = "sgd"
+    muon_lr: float = Field(0.24, gt=0.0)
+    muon_momentum: float = Field(0.6, ge=0.0, lt=1.0)
+    # Batch-norm biases learn this many times faster, with weight decay divided by it
+    # (airbench: 64, with the scale frozen).
+    bn_bias_lr_scale: float = Field(1.0, gt=0.0)
 
 
 class ScheduleConfig(_Strict):
@@ -150,6 +182,9 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0.0)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    # Lookahead (airbench): every 5 steps the weights move to a slow average of themselves,
+    # whose pull grows with the cube of progress and takes over entirely at the last step.
+    lookahead: bool = False
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int = 0
     device: str = "auto"
@@ -160,6 +195,11 @@ class TrainConfig(_Strict):
     # Several GPUs: normalise with the statistics of the global batch (SyncBatchNorm, which is
     # CUDA-only in torch 2.13). On CPU each process normalises with its own rows' statistics.
     sync_batchnorm: bool = False
+    # Which epoch's weights the run keeps (trainer.selection): the lowest validation loss,
+    # the best validation accuracy (first or latest on a tie), or the last epoch. Validation
+    # loss, not accuracy, by default: on 5,000 images one point is 50 images and ties are
+    # common (BENCHMARKS.md compares the rules over seeds).
+    select: Literal["val_loss", "val_accuracy", "val_accuracy_latest", "last"] = "val_loss"
 
 
 class ExportConfig(_Strict):
@@ -171,6 +211,9 @@ class ExportConfig(_Strict):
     int8: bool = False
     fp16: bool = False
     max_accuracy_drop: float = Field(0.5, ge=0.0)
+    # Test-time augmentation in the exported graph (trainer.tta): "mirror" doubles the
+    # served compute per image, "mirror_shift" multiplies it by six.
+    tta: Literal["none", "mirror", "mirror_shift"] = "none"
 
 
 class Recipe(_Strict):

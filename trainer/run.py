@@ -1,7 +1,7 @@
 """One training run: the run directory, checkpoints, resume, the metrics log and results.
 
     RUN/recipe.yaml, summary.txt, metrics.jsonl (one line per epoch)
-    RUN/checkpoints/last.pt (every epoch, atomic; --resume), best.pt (by validation accuracy)
+    RUN/checkpoints/last.pt (every epoch, atomic; --resume), best.pt (the epoch train.select keeps)
     RUN/results.json, test_predictions.npz   the test set, read once at the end
 
 Every random draw of the loop (trainer.engine) is keyed by (seed, epoch, step) or saved in the
@@ -25,7 +25,13 @@ from torch import nn
 from tqdm import tqdm
 
 from trainer.augment import BatchAugment, use_keyed_dropout
-from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.checkpoint import (
+    check_same_recipe,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from trainer.distributed import ONE_PROCESS, World, process_group
 from trainer.engine import (
     TrainingDiverged,
@@ -38,29 +44,20 @@ from trainer.engine import (
     train_one_epoch,
 )
 from trainer.models import Classifier, build_model
-from trainer.optim import EMA, make_optimizer, make_scheduler
+from trainer.optim import EMA, Lookahead, make_optimizer, make_scheduler
 from trainer.recipe import Recipe, recipe_to_dict
+from trainer.selection import select_epoch
+from trainer.whitening import fit_whitening
 
 log = logging.getLogger("convserve.train")
-
-# Fields a resumed run may change without changing what it computes.
-RESUMABLE_CHANGES = (
-    "data.data_dir",
-    "data.download",
-    "train.device",
-    "train.sync_batchnorm",
-    "export.",
-)
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint that does not belong to this recipe."""
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    test_accuracy: float
+    test_accuracy: float  # through the export's test-time views (export.tta)
+    test_accuracy_no_tta: float
+    tta: str
     test_loss: float
     per_class_accuracy: dict[str, float]
     best_val_accuracy: float | None
@@ -103,6 +100,7 @@ class Trainer:
         self.model: Classifier = build_model(
             recipe.model, d.in_shape, len(d.classes), d.mean, d.std
         ).to(self.device)
+        fit_whitening(self.model, d.train_x)  # a `whiten` first layer, from training images
         self.dropouts = use_keyed_dropout(self.model)  # masks independent of process count
         self.sync_bn = tc.sync_batchnorm and world.joined and self.device.type == "cuda"
         if self.sync_bn:
@@ -117,13 +115,13 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = len(d.train_x) // tc.batch_size
-        self.optimizer = make_optimizer(self.model, recipe.optim)
-        self.scheduler = make_scheduler(
-            self.optimizer, recipe.schedule, self.steps_per_epoch * tc.epochs
-        )
+        self.optimizer = make_optimizer(self.model, recipe.optim, self.steps_per_epoch)
+        total_steps = self.steps_per_epoch * tc.epochs
+        self.scheduler = make_scheduler(self.optimizer, recipe.schedule, total_steps)
+        self.lookahead = Lookahead(self.model, total_steps) if tc.lookahead else None
         self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay else None
         fill = tuple(round(m * 255) for m in d.mean)
-        self.augment = BatchAugment(recipe.augment, fill)
+        self.augment = BatchAugment(recipe.augment, fill, len(d.train_x), tc.seed)
         forward = world.data_parallel(self.model, self.device)
         if tc.compile:
             for d in self.dropouts:  # a fresh key every step: keep it out of the graph
@@ -136,6 +134,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             self.ema,
+            self.lookahead,
             tc.grad_clip,
             tc.bf16_autocast,
             world,
@@ -144,6 +143,10 @@ class Trainer:
         self.best_val = -1.0
         self.best_epoch = 0
         self.history: list[dict[str, Any]] = []
+
+    def tta_options(self) -> list[str]:
+        """The test-time views the test set is scored with: none, and the export's."""
+        return list(dict.fromkeys(["none", self.recipe.export.tta]))
 
     @property
     def eval_model(self) -> nn.Module:
@@ -164,6 +167,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "rng": rng_state(),
             "classes": list(d.classes),
             "in_shape": list(d.in_shape),
@@ -178,6 +182,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
         set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
         self.best_val = float(state["best_val"])
@@ -203,8 +209,10 @@ class Trainer:
         stopped = "completed"
         while self.epoch < tc.epochs:
             rec = self._run_epoch()
-            if rec["val_accuracy"] is not None and rec["val_accuracy"] > self.best_val:
-                self.best_val, self.best_epoch = rec["val_accuracy"], self.epoch
+            if select_epoch(self.history, tc.select) == self.epoch:
+                val_acc = rec["val_accuracy"]
+                self.best_val = val_acc if val_acc is not None else -1.0
+                self.best_epoch = self.epoch
                 if main:
                     save_checkpoint(self.state(), self.ckpt_dir / "best.pt")
             if main:
@@ -304,18 +312,23 @@ class Trainer:
         tc = self.recipe.train
         best = self.ckpt_dir / "best.pt"
         self.world.barrier()  # rank 0 has written best.pt before anyone reads it
-        if best.exists() and len(self.data.val_x):
+        if best.exists() and self.best_epoch != self.epoch:
             # Model selection used validation only; the test set is read once, here.
             self.eval_model.load_state_dict(load_checkpoint(best, self.device)["eval_model"])
-        test = evaluate(
-            self.eval_model,
-            self.data.test_x,
-            self.data.test_y,
-            tc.eval_batch_size,
-            self.channels_last,
-            tc.bf16_autocast,
-            self.world,
-        )
+        tests = {
+            tta: evaluate(
+                self.eval_model,
+                self.data.test_x,
+                self.data.test_y,
+                tc.eval_batch_size,
+                self.channels_last,
+                tc.bf16_autocast,
+                self.world,
+                tta,
+            )
+            for tta in self.tta_options()
+        }
+        test = tests[self.recipe.export.tta]
         y = self.data.test_y.cpu().numpy()
         per_class = {
             c: float((test.predictions[y == i] == i).mean()) if (y == i).any() else float("nan")
@@ -326,6 +339,8 @@ class Trainer:
         result = RunResult(
             run_dir=self.run_dir,
             test_accuracy=test.accuracy,
+            test_accuracy_no_tta=tests["none"].accuracy,
+            tta=self.recipe.export.tta,
             test_loss=test.loss,
             per_class_accuracy=per_class,
             best_val_accuracy=self.best_val if self.best_val >= 0 else None,
@@ -356,30 +371,6 @@ class Trainer:
             self.run_dir / "results.json",
         )
         return result
-
-
-def check_same_recipe(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint with a recipe that would compute something else."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                out.update(flat(v, key + "."))
-            else:
-                out[key] = v
-        return out
-
-    a, b = flat(saved), flat(current)
-    diff = sorted(
-        k
-        for k in set(a) | set(b)
-        if a.get(k) != b.get(k) and not any(k.startswith(p) for p in RESUMABLE_CHANGES)
-    )
-    if diff:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
-        raise ResumeError(f"checkpoint was written by a different recipe ({shown})")
 
 
 def fit(

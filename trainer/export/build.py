@@ -57,7 +57,8 @@ from trainer.export.publish import (
 )
 from trainer.export.variants import add_variant
 from trainer.models import Classifier
-from trainer.recipe import Recipe
+from trainer.recipe import Recipe, recipe_to_dict
+from trainer.tta import TTA_VIEWS, WithTTA
 
 log = logging.getLogger("convserve.export")
 
@@ -81,16 +82,23 @@ def export_checkpoint(
     max_accuracy_drop: float = 0.5,
     data_dir: str | None = None,
     insight: bool = True,
+    tta: str | None = None,
 ) -> ExportResult:
     """Export a checkpoint (file or run dir) as `<repository>/<name>/<version>/`.
 
     `name` defaults to the recipe's export.name, else the recipe name; `version` to the
-    highest published version + 1. Raises ExportError for anything a user can fix.
+    highest published version + 1; `tta` (test-time views in the graph, trainer.tta) to the
+    recipe's export.tta. Raises ExportError for anything a user can fix.
     """
     if opset < 18:
         raise ExportError(f"opset must be at least 18, got {opset}")
+    if tta is not None and tta not in TTA_VIEWS:
+        raise ExportError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
     path = resolve_checkpoint(checkpoint)
     state, recipe, model = load_model(path)
+    if tta is not None and tta != recipe.export.tta:  # the manifest records what was built
+        recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update={"tta": tta})})
+        state = {**state, "recipe": recipe_to_dict(recipe)}
     name = name or recipe.export.name or recipe.name
     model_dir, version = prepare_model_dir(Path(repository), name, version)
     ds = load_eval_data(recipe, state, data_dir)
@@ -135,11 +143,17 @@ def build_version(
     max_accuracy_drop: float,
     insight: bool = True,
 ) -> Manifest:
-    """Write model.onnx, the wanted variants and manifest.json into `out`; return the manifest."""
+    """Write model.onnx, the wanted variants and manifest.json into `out`; return the manifest.
+
+    With test-time views (export.tta) model.onnx runs them and the manifest's accuracy is
+    theirs; the insight graph (explanations, activation maps) is the plain network."""
     data = eval_images(ds)
-    reference = torch_outputs(model, data.images)
+    tta = recipe.export.tta
+    served = WithTTA(model, tta).eval() if tta != "none" else model
+    reference = torch_outputs(served, data.images)
+    plain = torch_outputs(model, data.images) if tta != "none" else reference
     model_path = out / MODEL_FILE
-    exporter = export_onnx(WithProbabilities(model), model_path, tuple(state["in_shape"]), opset)
+    exporter = export_onnx(WithProbabilities(served), model_path, tuple(state["in_shape"]), opset)
     manifest = new_manifest(name, version, state, recipe, data.accuracy(reference), exporter)
     stamp_metadata(model_path, metadata_props(manifest, "fp32"))
     manifest = replace(manifest, opset=check_graph(model_path))
@@ -150,7 +164,7 @@ def build_version(
         )
     files = [MODEL_FILE, *manifest.variants]
     if insight:
-        manifest = replace(manifest, insight=write_insight(out, model, manifest, data, reference))
+        manifest = replace(manifest, insight=write_insight(out, model, manifest, data, plain))
         files.append(INSIGHT_FILE)
     manifest = replace(manifest, files={f: sha256(out / f) for f in files})
     (out / MANIFEST_FILE).write_text(manifest.to_json())

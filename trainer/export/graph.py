@@ -27,7 +27,7 @@ TORCHSCRIPT_MAX_OPSET = 20
 class WithProbabilities(nn.Module):
     """The classifier plus its softmax, so the graph answers both `logits` and `probabilities`."""
 
-    def __init__(self, classifier: Classifier):
+    def __init__(self, classifier: nn.Module):  # a Classifier, or one with test-time views
         super().__init__()
         self.classifier = classifier
 
