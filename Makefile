@@ -90,8 +90,10 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench-train: install data  ## trainer vs a minimal hand-written loop; writes bench/results/train_fashion.json
-	$(PY) bench/train_fashion.py --out bench/results/train_fashion.json
+bench-train: install data  ## the default recipe over 3 seeds (accuracy, wall), each trick's cost, TTA's served price; writes bench/results/train_fashion.json, trick_cost.json, tta_price.json
+	$(PY) bench/train_fashion.py --seeds 0 1 2 --keep-runs runs/bench-train --out bench/results/train_fashion.json
+	$(PY) bench/trick_cost.py --out bench/results/trick_cost.json
+	$(PY) bench/tta_price.py --run runs/bench-train/seed0 --out bench/results/tta_price.json
 
 bench-export: install data  ## ORT CPU images/s of the fp32, optimised and INT8 exports; writes bench/results/export.json
 	$(PY) bench/export_bench.py --out bench/results/export.json

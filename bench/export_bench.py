@@ -107,7 +107,8 @@ def default_model(work: Path, epochs: int) -> Path:
 
     run, model_dir = work / "run", work / "models" / "fashion-mnist"
     if not (run / "checkpoints" / "best.pt").exists():
-        fit(load_recipe("fashion_mnist", [f"train.epochs={epochs}"]), run, quiet=True)
+        recipe = load_recipe("fashion_mnist", [f"train.epochs={epochs}", "export.tta=none"])
+        fit(recipe, run, quiet=True)
     if versions(model_dir):
         return model_dir / str(versions(model_dir)[-1])
     return export_checkpoint(run, work / "models", "fashion-mnist", int8=True).version_dir

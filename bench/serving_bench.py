@@ -144,6 +144,7 @@ def find_model(repo: Path | None, work: Path) -> Path:
             str(work / "models"),
             "--quiet",
             "train.epochs=1",
+            "export.tta=none",  # the serving figures are the plain network's
         ],
         check=True,
         cwd=ROOT,

@@ -1,0 +1,88 @@
+"""Benchmark: what each training trick costs per step, side by side.
+
+Builds the default Fashion-MNIST recipe's trainer with each trick switched on alone (recipe
+overrides), then times the real training step (augmentation, forward, loss, backward,
+update, lookahead) on the same batches, the tricks interleaved round-robin over `--rounds`
+rounds so background load hits them alike. Reports the median seconds per step and its
+ratio to the plain recipe, and seconds per epoch at that rate.
+
+    python bench/trick_cost.py --out bench/results/trick_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.augment import step_generator
+from trainer.recipe import load_recipe
+from trainer.run import Trainer
+
+TRICKS = {
+    "plain": [],
+    "whiten_dirac_gelu": ["@air"],
+    "muon": ["optim.conv_update=muon"],
+    "lookahead": ["train.lookahead=true"],
+    "alternate_flip": ["augment.flip=alternate"],
+    "translate_1px": ["augment.crop_padding=1"],
+    "bn_frozen_scale": ["model.bn_scale=frozen", "model.bn_momentum=0.4"],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench/results/trick_cost.json"))
+    p.add_argument("--recipe", default="fashion_mnist")
+    p.add_argument(
+        "--air-recipe",
+        default=str(Path(__file__).parent / "recipes" / "fashion_mnist_whitened.yaml"),
+        help="the whitened network",
+    )
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+
+    trainers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, ov in TRICKS.items():
+            recipe = (
+                load_recipe(args.air_recipe) if ov == ["@air"] else load_recipe(args.recipe, ov)
+            )
+            trainers[name] = Trainer(recipe, Path(tmp) / name, quiet=True)
+        times: dict[str, list[float]] = {n: [] for n in trainers}
+        for r in range(args.rounds):
+            for name, t in trainers.items():
+                b = t.recipe.train.batch_size
+                perm = torch.randperm(len(t.data.train_x), generator=step_generator(0, r, -1))
+                t.model.train()
+                t0 = time.perf_counter()
+                for s in range(args.steps):
+                    idx = perm[s * b : (s + 1) * b]
+                    x = t.augment(t.data.train_x[idx], step_generator(0, r, s), ids=idx, epoch=r)
+                    t.step(x.contiguous(memory_format=torch.channels_last), t.data.train_y[idx])
+                times[name].append((time.perf_counter() - t0) / args.steps)
+        steps_per_epoch = next(iter(trainers.values())).steps_per_epoch
+    base = statistics.median(times["plain"])
+    out = {
+        name: {
+            "seconds_per_step": statistics.median(v),
+            "rounds": v,
+            "vs_plain": statistics.median(v) / base,
+            "seconds_per_epoch": statistics.median(v) * steps_per_epoch,
+        }
+        for name, v in times.items()
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    for name, r in out.items():
+        print(f"{name:>18}: {r['seconds_per_epoch']:.1f} s/epoch ({r['vs_plain']:.3f}x plain)")
+
+
+if __name__ == "__main__":
+    main()
