@@ -142,6 +142,25 @@ def selection(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def summary(recipe: Recipe, args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict:
+    return {
+        "recipe": recipe.name,
+        "overrides": args.overrides,
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": configure_threads(torch.device("cpu")),
+            "torch": torch.__version__,
+        },
+        "seeds": [r["seed"] for r in runs],
+        "test_accuracy": spread([r["test_accuracy"] for r in runs]),
+        "test_accuracy_no_tta": spread([r["test_accuracy_no_tta"] for r in runs]),
+        "wall_seconds": spread([r["wall_seconds"] for r in runs]),
+        "epoch_seconds": spread([e["epoch_seconds"] for r in runs for e in r["per_epoch"]]),
+        "selection": selection(runs),
+        "runs": runs,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results/train_fashion.json")
@@ -153,7 +172,7 @@ def main() -> None:
     args = p.parse_args()
 
     recipe = load_recipe(args.recipe, args.overrides)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         runs.append(one_seed(recipe, seed, args.minimal_loop, args.keep_runs))
         r = runs[-1]
@@ -163,24 +182,9 @@ def main() -> None:
             f"{r['images_per_s']:.0f} img/s",
             flush=True,
         )
-    out = {
-        "recipe": recipe.name,
-        "overrides": args.overrides,
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "threads": configure_threads(torch.device("cpu")),
-            "torch": torch.__version__,
-        },
-        "seeds": args.seeds,
-        "test_accuracy": spread([r["test_accuracy"] for r in runs]),
-        "test_accuracy_no_tta": spread([r["test_accuracy_no_tta"] for r in runs]),
-        "wall_seconds": spread([r["wall_seconds"] for r in runs]),
-        "epoch_seconds": spread([e["epoch_seconds"] for r in runs for e in r["per_epoch"]]),
-        "selection": selection(runs),
-        "runs": runs,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        out = summary(recipe, args, runs)  # after every seed: a stopped bench keeps its seeds
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for k in ("test_accuracy", "test_accuracy_no_tta", "wall_seconds"):
         s = out[k]
         print(f"{k}: mean {s['mean']:.4f} min {s['min']:.4f} max {s['max']:.4f}")
