@@ -104,8 +104,11 @@ def make_optimizer(
         if id(p) in whiten:
             epochs = whiten[id(p)]
             steps = None if epochs is None else epochs * steps_per_epoch
-            groups[f"whiten{len(groups)}"] = {"params": [p], "weight_decay": 0.0}
-            groups[f"whiten{len(groups) - 1}"]["train_steps"] = steps
+            groups[f"whiten{len(groups)}"] = {
+                "params": [p],
+                "weight_decay": 0.0,
+                "train_steps": steps,
+            }
         elif id(p) in muon:
             groups["muon"]["params"].append(p)
         elif id(p) in bn_biases:
