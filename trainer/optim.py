@@ -116,11 +116,13 @@ def make_optimizer(
         else:
             groups["decay" if p.ndim > 1 else "no_decay"]["params"].append(p)
     kept = [g for g in groups.values() if g["params"]]
-    if cfg.name == "sgd":
+    if cfg.name == "sgd" and muon:
         return MuonSGD(kept, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     for g in kept:
         g.pop("muon", None)
         g.pop("momentum", None)
+    if cfg.name == "sgd":  # no Muon group: torch's own (foreach) SGD
+        return torch.optim.SGD(kept, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(kept, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
