@@ -12,7 +12,7 @@ N_IMAGES=${DEMO_IMAGES:-1000}
 PY=$VENV/bin/python
 rm -rf "$RUN"
 
-echo "== 1. train the Fashion-MNIST recipe for $EPOCHS epochs (DEMO_EPOCHS=14 for the full one)"
+echo "== 1. train the Fashion-MNIST recipe for $EPOCHS epochs (DEMO_EPOCHS=20 for the full one)"
 "$VENV/bin/cnn-train" --recipe fashion_mnist --out "$RUN" --repository "$RUN/models" \
   "train.epochs=$EPOCHS"
 
