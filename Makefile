@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install system-deps images proto data demo test test-fast fuzz lint format bench bench-train bench-export bench-explain bench-serving bench-http bench-shm bench-targets bench-cpu bench-metrics bench-arena overload soak clean
+.PHONY: install system-deps images proto data demo test test-fast fuzz lint format bench bench-train bench-ood bench-export bench-explain bench-serving bench-http bench-shm bench-targets bench-cpu bench-metrics bench-tracing bench-arena overload soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -95,6 +95,12 @@ bench-train: install data  ## the default recipe over 3 seeds (accuracy, wall), 
 	$(PY) bench/trick_cost.py --out bench/results/trick_cost.json
 	$(PY) bench/tta_price.py --run runs/bench-train/seed0 --out bench/results/tta_price.json
 
+bench-ood: install data  ## how the out-of-distribution score separates Fashion-MNIST from handwritten digits and noise photos (AUROC, flagged share); trains the default recipe once into runs/bench-ood (~7 min); writes bench/results/ood_quality.json
+	test -f runs/bench-ood/run/checkpoints/last.pt || $(VENV)/bin/cnn-train --recipe fashion_mnist --out runs/bench-ood/run --no-export --no-report --quiet
+	rm -rf runs/bench-ood/models
+	$(VENV)/bin/cnn-export --checkpoint runs/bench-ood/run --repository runs/bench-ood/models --name fashion-mnist --version 1 --quiet
+	$(PY) bench/ood_quality.py --version-dir runs/bench-ood/models/fashion-mnist/1 --out bench/results/ood_quality.json
+
 bench-export: install data  ## ORT CPU images/s of the fp32, optimised and INT8 exports; writes bench/results/export.json
 	$(PY) bench/export_bench.py --out bench/results/export.json
 
@@ -158,6 +164,11 @@ bench-metrics: install data  ## what metrics cost: server with and without them,
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) bench/metrics_cost.py --out bench/results/metrics_cost.json $(BENCH_METRICS_ARGS)
 
+# BENCH_TRACING_ARGS="--base DIR": DIR a checkout of the commit before tracing, run beside it.
+bench-tracing: install data  ## what OpenTelemetry tracing costs at c64: off, on (exported to an OTLP receiver), 1 in 100, interleaved under h2load; writes bench/results/tracing_cost.json
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(PY) bench/tracing_cost.py --out bench/results/tracing_cost.json $(BENCH_TRACING_ARGS)
+
 SERVED_MODEL := runs/bench-export/models/fashion-mnist/1/model.onnx
 SOAK_SECONDS ?= 600
 
@@ -173,7 +184,7 @@ bench-arena: install data  ## RSS of ONNX Runtime's CPU memory settings on rando
 	test -f $(SERVED_MODEL) || $(MAKE) bench-export
 	$(PY) bench/arena_rss.py --model $(SERVED_MODEL) --out bench/results/arena.json
 
-bench: bench-train bench-export bench-explain bench-serving bench-targets bench-metrics
+bench: bench-train bench-export bench-explain bench-serving bench-targets bench-metrics bench-tracing
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

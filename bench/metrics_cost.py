@@ -37,11 +37,12 @@ def bookkeeping_us(n: int = 200_000) -> dict[str, float]:
     from prometheus_client import CollectorRegistry
 
     from serving.metrics import Metrics
+    from serving.observers import ModelObserver
 
     out = {}
     for enabled in (True, False):
         m = Metrics(CollectorRegistry(), enabled=enabled)
-        o = m.model_observer("m", 1)
+        o = ModelObserver(m, "m", "1")
         t = time.perf_counter()
         for _ in range(n):
             m.inflight.inc()

@@ -12,7 +12,8 @@ One `Batcher` per loaded model version, living on the worker's asyncio loop:
   is dropped before compute: when its batch is assembled, and again on the ORT thread just
   before the run, so no row starts computing after its deadline (the observer counts these
   dropped rows, and the rows computed for callers that left while their batch ran);
-- a failed run fails only the requests in that batch.
+- a failed run fails only the requests in that batch;
+- a traced call's request (serving.tracing.current_call) reports its queue and run times.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import collections
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull, ServingError
+from serving.tracing import CallTrace, current_call, record_batch
 
 log = logging.getLogger("convserve.batcher")
 
@@ -80,6 +82,7 @@ class _Request:
     future: asyncio.Future
     deadline: float | None  # time.monotonic() value
     enqueued: float
+    trace: CallTrace | None = None  # its call's, when tracing samples the call
     taken: int = 0  # rows already handed to a batch
     parts: list[tuple[int, np.ndarray | None]] = field(default_factory=list)
     failed: bool = False
@@ -99,6 +102,7 @@ class _Request:
 
 RunFn = Callable[[np.ndarray], np.ndarray]
 _Batch = list[tuple[_Request, int, int]]  # (request, first row, end row) parts of one run
+_Run = tuple[_Batch, _Batch, np.ndarray | None, float, float, float]  # what _run_live returns
 
 
 class Batcher:
@@ -111,12 +115,14 @@ class Batcher:
         executor: concurrent.futures.Executor,
         observer: BatchObserver | None = None,
         name: str = "model",
+        trace_attributes: Mapping[str, Any] | None = None,
     ):
         self.run = run
         self.config = config
         self.executor = executor
         self.observer = observer or _NullObserver()
         self.name = name
+        self.trace_attributes = dict(trace_attributes or {})
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_rows = 0
         self._slots = asyncio.Semaphore(config.instances)
@@ -155,16 +161,19 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("deadline already passed on arrival")
+        trace = current_call()  # None unless tracing samples the call: one read when off
         idle = self._idle_fast_path(n)
         if idle and self._runs_inline(n):
-            return self._run_inline(rows)
-        req = _Request(rows, asyncio.get_running_loop().create_future(), deadline, now)
+            return self._run_inline(rows, trace)
+        req = _Request(rows, asyncio.get_running_loop().create_future(), deadline, now, trace)
         if idle:
             # Nobody is waiting and an instance is free: run now and skip the scheduler's
             # hops (this is what concurrency-1 latency is made of).
             await self._slots.acquire()  # does not suspend: a slot is free
             req.taken = n
             self.observer.queue_wait(0.0)
+            if trace is not None:
+                trace.queued(now, now, n, self.trace_attributes)
             # A task of its own, so a caller that leaves mid-run neither frees the slot
             # early nor loses the count of rows computed for nobody.
             self._launch([(req, 0, n)])
@@ -180,7 +189,7 @@ class Batcher:
                 req.future.cancel()
                 self._drop(req, "cancelled")
 
-    def _run_inline(self, rows: np.ndarray) -> np.ndarray:
+    def _run_inline(self, rows: np.ndarray, trace: CallTrace | None) -> np.ndarray:
         """A small run on the event loop itself, start to end without a suspension point:
         no other coroutine can start a batch meanwhile (so no slot is taken) and the caller
         cannot leave (so no future is needed). Its deadline was checked on arrival."""
@@ -198,6 +207,9 @@ class Batcher:
         finally:
             self._active -= 1
         self._observe_run(len(rows), took)
+        if trace is not None:
+            trace.queued(t0, t0, len(rows), self.trace_attributes)
+            record_batch([trace], t0, took, len(rows), 1, self.trace_attributes)
         return out
 
     def _observe_run(self, n: int, took: float, requests: int = 1, assembly: float = 0.0) -> None:
@@ -280,6 +292,8 @@ class Batcher:
                 continue
             if req.taken == 0:
                 self.observer.queue_wait(now - req.enqueued)
+                if req.trace is not None:
+                    req.trace.queued(req.enqueued, now, len(req.rows), self.trace_attributes)
             n = min(room, req.remaining)
             batch.append((req, req.taken, req.taken + n))
             req.taken += n
@@ -296,7 +310,7 @@ class Batcher:
             try:
                 loop = asyncio.get_running_loop()
                 ran = loop.run_in_executor(self.executor, self._run_live, batch)
-                live, late, out, took, assembly = await ran
+                live, late, out, started, took, assembly = await ran
             except ServingError as exc:
                 self._fail(batch, exc)
                 return
@@ -309,26 +323,29 @@ class Batcher:
                 return
             self._observe_run(sum(b - a for _, a, b in live), took, len(live), assembly)
             self._deliver(live, out)
+            traced = [req.trace for req, _, _ in live if req.trace is not None]
+            if traced:  # the calls resume later: their spans are still open
+                record_batch(traced, started, took, len(out), len(live), self.trace_attributes)
         finally:
             self._active -= 1
             self._slots.release()
 
-    def _run_live(self, batch: _Batch) -> tuple[_Batch, _Batch, np.ndarray | None, float, float]:
+    def _run_live(self, batch: _Batch) -> _Run:
         """Runs on the ORT thread: the last check before compute, then the run. Returns
-        (live parts, parts dropped here, output or None, seconds ORT took, seconds spent
-        assembling its input)."""
+        (live parts, parts dropped here, output or None, when ORT started (monotonic), seconds
+        ORT took, seconds spent assembling its input)."""
         now = time.monotonic()
         live: _Batch = []
         late: _Batch = []
         for part in batch:
             (late if part[0].expired(now) else live).append(part)
         if not live:
-            return live, late, None, 0.0, 0.0
+            return live, late, None, 0.0, 0.0, 0.0
         parts = [req.rows[a:b] for req, a, b in live]
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         t0 = time.monotonic()
         out = self.run(x)
-        return live, late, out, time.monotonic() - t0, t0 - now
+        return live, late, out, t0, time.monotonic() - t0, t0 - now
 
     def _expire(self, late: _Batch) -> None:
         """Parts the last check dropped: their request fails without being computed."""

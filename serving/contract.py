@@ -6,21 +6,23 @@
     <repository>/<name>/<version>/model.{opt,int8,fp16,insight}.onnx  optional variants
 
 A version is an all-digit folder, published by renaming a hidden one (never seen half
-written). The graph carries its own preprocessing and softmax; the manifest keys in
-METADATA_KEYS are stamped into every ONNX file as `convserve.<key>` metadata_props, so a
-bare file describes itself and a file beside the wrong manifest is caught. The exporter
-writes exactly this and the server reads exactly this; it needs only the standard library.
+written). The graph carries its own preprocessing and softmax; manifest keys are stamped
+into every ONNX file as `convserve.<key>` metadata_props (serving.metadata), so a bare file
+describes itself. The exporter writes exactly this and the server reads exactly this; it
+needs only the standard library.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from serving import fields as fields_
+from serving.fields import ManifestError
 
 MANIFEST_FORMAT = "convserve.manifest/1"
 MANIFEST_FILE = "manifest.json"
@@ -39,16 +41,18 @@ INSIGHT_FILE = "model.insight.onnx"  # stage activations as extra outputs (Expla
 # A model name: a folder name that is not a version number and is safe in a URL.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
-# The manifest keys stamped into every ONNX file of a version, as METADATA_PREFIX + key (JSON
-# unless the value is a string), and those of them the server checks against manifest.json.
-METADATA_PREFIX = "convserve."
-METADATA_KEYS = ("name", "labels", "input", "mean", "std", "dataset", "test_accuracy")
-METADATA_KEYS += ("convserve_version", "source_commit")
-METADATA_CHECKED = ("name", "labels", "input", "mean")
 # Manifest fields serving cannot do without, and those it checks whenever they are there
 # (checksums, Explain's stages); the rest describe the version.
 REQUIRED = ("labels", "input", "mean")
 SERVED = (*REQUIRED, "files", "insight")
+# Buckets of the profile the exporter records (Monitoring) and of the server's histograms of
+# the same figures, so production and the test set are counted alike: the top-1 probability
+# (upper bounds), and an image's mean pixel intensity in 0..1.
+CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+INTENSITY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+# serving.monitor's out-of-distribution score: how unusual an image's energy and logit norm
+# are among the test images given the same answer (a percentile, 0..1).
+OOD_SCORE = "class_percentile(energy, logit_norm)"
 
 
 # ----------------------------------------------------------------------------- layout
@@ -71,14 +75,6 @@ def versions(model_dir: Path) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- the manifest
-class ManifestError(ValueError):
-    """A manifest that breaks the contract; the message names the field."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"'{key}' {message}")
-        self.key = key
-
-
 @dataclass(frozen=True)
 class InputSpec:
     """What a model's `images` input takes: uint8 NCHW of this size."""
@@ -109,10 +105,10 @@ class InputSpec:
     @classmethod
     def from_dict(cls, d: Any, key: str = "input") -> InputSpec:
         if not isinstance(d, Mapping):
-            raise ManifestError(key, f"must be an object, got {_show(d)}")
+            raise ManifestError(key, f"must be an object, got {fields_.show(d)}")
         if d.get("dtype", "uint8") != "uint8" or d.get("layout", "NCHW") != "NCHW":
             raise ManifestError(key, f"must be uint8 NCHW, manifest says {dict(d)}")
-        dims = [_dim(d.get(k), f"{key}.{k}") for k in ("channels", "height", "width")]
+        dims = [fields_.dim(d.get(k), f"{key}.{k}") for k in ("channels", "height", "width")]
         if dims[0] not in (1, 3) or min(dims[1:]) < 1:
             raise ManifestError(key, f"must have 1 or 3 channels and a positive size, got {dims}")
         return cls(*dims)  # the input is always INPUT_NAME: a `name` here is not read
@@ -133,6 +129,31 @@ class Stage:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Monitoring:
+    """What the served graph did on the test set, to compare production with (serving.monitor):
+    the predicted-class shares, the top-1 probability's and the input intensity's shares over
+    the buckets above (the last bound is 1.0), the out-of-distribution score's tables (per
+    predicted class, the test images' energy and logit-norm quantiles at 0, 1/(Q-1), ... 1;
+    empty for a class no test image was given) and its threshold: the test set's
+    `1 - ood_false_positive_rate` quantile of the score."""
+
+    images: int
+    class_fractions: tuple[float, ...]
+    confidence_buckets: tuple[float, ...] = CONFIDENCE_BUCKETS
+    confidence_fractions: tuple[float, ...]
+    intensity_buckets: tuple[float, ...] = INTENSITY_BUCKETS
+    intensity_fractions: tuple[float, ...]
+    ood_score: str = OOD_SCORE
+    ood_energy_quantiles: tuple[tuple[float, ...], ...]
+    ood_norm_quantiles: tuple[tuple[float, ...], ...]
+    ood_threshold: float
+    ood_false_positive_rate: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +179,7 @@ class Manifest:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # filename -> report
     rejected_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     insight: tuple[Stage, ...] | None = None  # model.insight.onnx's stages, when written
+    monitoring: Monitoring | None = None  # the test set's profile, when the exporter wrote it
     training: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""  # UTC ISO-8601
     source_commit: str = ""
@@ -177,6 +199,8 @@ class Manifest:
                 value = value.to_dict()
             elif f.name == "insight" and value is not None:
                 value = {"file": INSIGHT_FILE, "stages": [s.to_dict() for s in value]}
+            elif f.name == "monitoring" and value is not None:
+                value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -193,14 +217,14 @@ class Manifest:
         default and its error appended there instead (a server serves what it needs and
         reports the rest); what serving relies on (SERVED) is always checked."""
         if not isinstance(d, Mapping):
-            raise ManifestError("(root)", f"must be a JSON object, got {_show(d)}")
+            raise ManifestError("(root)", f"must be a JSON object, got {fields_.show(d)}")
         for key in REQUIRED:
             if key not in d:
                 raise ManifestError(key, "is missing")
         spec = InputSpec.from_dict(d["input"])
         labels = d["labels"]
         if not isinstance(labels, list) or not labels:
-            raise ManifestError("labels", f"must be a non-empty list, got {_show(labels)}")
+            raise ManifestError("labels", f"must be a non-empty list, got {fields_.show(labels)}")
 
         def get(key: str, check: Any, default: Any) -> Any:
             if d.get(key) is None:
@@ -216,25 +240,28 @@ class Manifest:
         return cls(
             labels=tuple(str(x) for x in labels),
             input=spec,
-            mean=_floats(d["mean"], "mean", spec.channels),
-            name=get("name", _str, ""),
-            version=get("version", _int, 0),
-            format=get("format", _str, MANIFEST_FORMAT),
-            outputs=get("outputs", _strs, OUTPUT_NAMES),
-            std=get("std", lambda v, k: _floats(v, k, spec.channels, positive=True), None),
-            dataset=get("dataset", _str, ""),
-            test_accuracy=get("test_accuracy", _fraction, None),
-            opset=get("opset", _int, None),
-            exporter=get("exporter", _str, ""),
-            parity=get("parity", _object, None),
-            variants=get("variants", _object, {}),
-            rejected_variants=get("rejected_variants", _object, {}),
+            mean=fields_.per_channel(d["mean"], "mean", spec.channels),
+            name=get("name", fields_.text, ""),
+            version=get("version", fields_.integer, 0),
+            format=get("format", fields_.text, MANIFEST_FORMAT),
+            outputs=get("outputs", fields_.texts, OUTPUT_NAMES),
+            std=get(
+                "std", lambda v, k: fields_.per_channel(v, k, spec.channels, positive=True), None
+            ),
+            dataset=get("dataset", fields_.text, ""),
+            test_accuracy=get("test_accuracy", fields_.fraction, None),
+            opset=get("opset", fields_.integer, None),
+            exporter=get("exporter", fields_.text, ""),
+            parity=get("parity", fields_.mapping, None),
+            variants=get("variants", fields_.mapping, {}),
+            rejected_variants=get("rejected_variants", fields_.mapping, {}),
             insight=get("insight", _stages, None),
-            training=get("training", _object, {}),
-            created_at=get("created_at", _str, ""),
-            source_commit=get("source_commit", _str, ""),
-            convserve_version=get("convserve_version", _str, ""),
-            files=get("files", _files, {}),
+            monitoring=get("monitoring", lambda v, k: _monitoring(v, k, len(labels)), None),
+            training=get("training", fields_.mapping, {}),
+            created_at=get("created_at", fields_.text, ""),
+            source_commit=get("source_commit", fields_.text, ""),
+            convserve_version=get("convserve_version", fields_.text, ""),
+            files=get("files", fields_.files, {}),
         )
 
 
@@ -247,151 +274,72 @@ def read_document(version_dir: Path) -> dict[str, Any]:
         raise ManifestError("(root)", f"not valid JSON ({exc})") from None
 
 
-# ----------------------------------------------------------------------------- metadata_props
-def metadata_props(manifest: Manifest, variant: str) -> dict[str, str]:
-    """The `convserve.*` metadata_props the exporter stamps into one file of a version: the
-    manifest's METADATA_KEYS, plus which variant the file is."""
-    doc = manifest.to_dict()
-    props = {
-        f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v)
-        for k in METADATA_KEYS
-        for v in [doc[k]]
-    }
-    props[f"{METADATA_PREFIX}variant"] = variant
-    return props
-
-
-def metadata_disagreement(props: Mapping[str, str], manifest: Manifest) -> str | None:
-    """Why a graph's `convserve.*` metadata_props disagree with its manifest (a graph from
-    another version, model or dataset dropped beside it), or None. Keys a graph lacks are
-    not compared: a graph not made by our exporter is judged by its inputs and outputs."""
-    for key in METADATA_CHECKED:
-        text = props.get(f"{METADATA_PREFIX}{key}")
-        if text is None:
-            continue
-        ours = getattr(manifest, key)
-        try:
-            theirs = _metadata_value(key, text, manifest)
-        except (ValueError, ManifestError):
-            theirs = text
-        if theirs != ours:
-            shown = manifest.to_dict()[key]
-            return (
-                f"graph metadata {METADATA_PREFIX}{key} = {text!r} disagrees with "
-                f"{MANIFEST_FILE} ({shown!r})"
-            )
-    return None
-
-
-def _metadata_value(key: str, text: str, manifest: Manifest) -> Any:
-    """A stamped value read back as the manifest field's type."""
-    if key == "name":
-        return text
-    value = json.loads(text)
-    if key == "labels":
-        return tuple(str(x) for x in value) if isinstance(value, list) else value
-    if key == "input":
-        return InputSpec.from_dict(value)
-    return _floats(value, key, manifest.input.channels)
-
-
 # ----------------------------------------------------------------------------- field checks
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:80] + "..."
+def _monitoring(value: Any, key: str, classes: int) -> Monitoring:
+    m = fields_.mapping(value, key)
 
+    def shares(name: str, n: int) -> tuple[float, ...]:
+        v = m.get(name)
+        if not (
+            isinstance(v, list) and len(v) == n and all(fields_.is_number(x) and x >= 0 for x in v)
+        ):
+            raise ManifestError(f"{key}.{name}", f"must list {n} shares, got {fields_.show(v)}")
+        return tuple(float(x) for x in v)
 
-def _str(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise ManifestError(key, f"must be a string, got {_show(value)}")
-    return value
+    def bounds(name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        v = m.get(name, list(default))
+        ok = isinstance(v, list) and v and all(map(fields_.is_number, v)) and v == sorted(set(v))
+        if not (ok and v[-1] == 1.0):
+            raise ManifestError(f"{key}.{name}", f"must rise to 1.0, got {fields_.show(v)}")
+        return tuple(float(x) for x in v)
 
+    def tables(name: str) -> tuple[tuple[float, ...], ...]:
+        v = m.get(name)  # one row per class: empty, or Q >= 2 rising numbers (Q for all)
+        ok = isinstance(v, list) and len(v) == classes and all(isinstance(r, list) for r in v)
+        sizes = {len(r) for r in v if r} if ok else set()
+        ok = ok and len(sizes) == 1 and min(sizes) >= 2
+        if not (ok and all(all(map(fields_.is_number, r)) and r == sorted(r) for r in v)):
+            what = f"must list {classes} rows of rising quantiles"
+            raise ManifestError(f"{key}.{name}", f"{what}, got {fields_.show(v)}")
+        return tuple(tuple(float(x) for x in r) for r in v)
 
-def _int(value: Any, key: str) -> int:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)  # 17.0: JSON writers that know only floats
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ManifestError(key, f"must be an integer, got {_show(value)}")
-    return value
-
-
-def _dim(value: Any, key: str) -> int:  # "28" too, as hand-written manifests have it
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return _int(value, key)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _float(value: Any, key: str) -> float:
-    if not _number(value):
-        raise ManifestError(key, f"must be a number, got {_show(value)}")
-    return float(value)
-
-
-def _fraction(value: Any, key: str) -> float:
-    if not 0.0 <= _float(value, key) <= 1.0:
-        raise ManifestError(key, f"must be a fraction in 0..1, got {_show(value)}")
-    return float(value)
-
-
-def _floats(value: Any, key: str, channels: int, positive: bool = False) -> tuple[float, ...]:
-    """One number per channel: in 0..1 (a training mean), or above 0 (a training std)."""
-    ok = (lambda v: v > 0) if positive else (lambda v: 0.0 <= v <= 1.0)
-    if not (
-        isinstance(value, list)
-        and len(value) == channels
-        and all(_number(v) and ok(v) for v in value)
-    ):
-        what = "positive value(s)" if positive else f"training-{key} value(s) in 0..1"
-        shown = _show(value)  # a manifest's value, quoted back: clipped
-        raise ManifestError(key, f"must list {channels} {what} (one per channel), got {shown}")
-    return tuple(float(v) for v in value)
-
-
-def _strs(value: Any, key: str) -> tuple[str, ...]:
-    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise ManifestError(key, f"must be a list of strings, got {_show(value)}")
-    return tuple(value)
-
-
-def _object(value: Any, key: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ManifestError(key, f"must be a JSON object, got {_show(value)}")
-    return value
-
-
-def _files(value: Any, key: str) -> dict[str, str | None]:
-    """filename -> SHA-256 hex digest; None or "" for a file not checked. A digest that is
-    not the file's refuses the version at load ("checksum"), whatever its form."""
-    files = _object(value, key)
-    for name, digest in files.items():
-        if digest is not None and not isinstance(digest, str):
-            raise ManifestError(f"{key}.{name}", f"must be a SHA-256 hex digest, got {digest!r}")
-    return files
+    conf = bounds("confidence_buckets", CONFIDENCE_BUCKETS)
+    light = bounds("intensity_buckets", INTENSITY_BUCKETS)
+    fpr = "ood_false_positive_rate"
+    return Monitoring(
+        images=fields_.integer(m.get("images"), f"{key}.images"),
+        class_fractions=shares("class_fractions", classes),
+        confidence_buckets=conf,
+        confidence_fractions=shares("confidence_fractions", len(conf)),
+        intensity_buckets=light,
+        intensity_fractions=shares("intensity_fractions", len(light)),
+        ood_score=fields_.text(m.get("ood_score", OOD_SCORE), f"{key}.ood_score"),
+        ood_energy_quantiles=tables("ood_energy_quantiles"),
+        ood_norm_quantiles=tables("ood_norm_quantiles"),
+        ood_threshold=fields_.real(m.get("ood_threshold"), f"{key}.ood_threshold"),
+        ood_false_positive_rate=fields_.fraction(m.get(fpr), f"{key}.{fpr}"),
+    )
 
 
 def _stages(value: Any, key: str) -> tuple[Stage, ...]:
-    stages = _object(value, key).get("stages", [])
+    stages = fields_.mapping(value, key).get("stages", [])
     if not isinstance(stages, list):
-        raise ManifestError(f"{key}.stages", f"must be a list, got {_show(stages)}")
+        raise ManifestError(f"{key}.stages", f"must be a list, got {fields_.show(stages)}")
     return tuple(_stage(s, f"{key}.stages[{i}]") for i, s in enumerate(stages))
 
 
 def _stage(value: Any, key: str) -> Stage:
-    s = _object(value, key)
+    s = fields_.mapping(value, key)
     shape, rf = s.get("shape"), s.get("receptive_field")
     if not (isinstance(shape, list) and len(shape) == 3):
-        raise ManifestError(f"{key}.shape", f"must be [C, H, W], got {_show(shape)}")
-    c, h, w = (_int(d, f"{key}.shape") for d in shape)
+        raise ManifestError(f"{key}.shape", f"must be [C, H, W], got {fields_.show(shape)}")
+    c, h, w = (fields_.integer(d, f"{key}.shape") for d in shape)
     return Stage(
-        name=_str(s.get("name"), f"{key}.name"),
-        layer=_int(s.get("layer", 0), f"{key}.layer"),
-        kind=_str(s.get("kind", ""), f"{key}.kind"),
+        name=fields_.text(s.get("name"), f"{key}.name"),
+        layer=fields_.integer(s.get("layer", 0), f"{key}.layer"),
+        kind=fields_.text(s.get("kind", ""), f"{key}.kind"),
         shape=(c, h, w),
-        receptive_field=None if rf is None else _int(rf, f"{key}.receptive_field"),
-        jump=_int(s.get("jump", 0), f"{key}.jump"),
-        start=_float(s.get("start", 0.0), f"{key}.start"),
+        receptive_field=None if rf is None else fields_.integer(rf, f"{key}.receptive_field"),
+        jump=fields_.integer(s.get("jump", 0), f"{key}.jump"),
+        start=fields_.real(s.get("start", 0.0), f"{key}.start"),
     )

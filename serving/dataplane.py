@@ -4,9 +4,11 @@ Every front end is a converter: wire request -> the plain values and types below
 `DataPlane.predict / infer / explain / model_info / ...` -> wire response. Here, once:
 admission (nothing new while draining), choosing the model version, counting and decoding a
 request's images (raw uint8 tensors in one copy, small encoded images inline, big ones on the
-decode executor, resolving the version again if a hot swap happened meanwhile), validating
-every input before it joins a batch (a bad request never fails good ones), handing rows to the
-version's batcher, and ranking what comes back. Nothing here knows about gRPC or HTTP.
+decode executor: serving.decoding; resolving the version again if a hot swap happened
+meanwhile), validating every input before it joins a batch (a bad request never fails good
+ones), handing rows to the version's batcher, and, with the answer, the version's monitor
+(out-of-distribution score, drift counts), a sampled capture, and the ranking. Nothing here
+knows about gRPC or HTTP.
 """
 
 from __future__ import annotations
@@ -17,26 +19,25 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from serving import occlusion, v2
-from serving.codec import NeedsThread, PixelBudget, decode_image, tensor_to_image
+from serving.capture import Capture
 from serving.contract import TRITON_CONFIG_FILE, InputSpec, Manifest
+from serving.decoding import Decoder
 from serving.errors import DeadlineExceeded, Draining, InvalidInput, ModelNotFound, Overloaded
-from serving.images import EncodedImage, ImageInput, RawTensor, stack_uint8
+from serving.images import ImageInput, stack_uint8
 from serving.model import ModelVersion
 from serving.ranking import top_k
 from serving.repository import ModelRepository
 from serving.shm import SharedMemory
 from serving.statistics import RequestClock
 
-# Decoding this many encoded bytes inline would stall the event loop; hand it to a thread.
-INLINE_DECODE_BYTES = 256 * 1024
-# So would decoding an image that declares this many pixels, however small its file: a 62 KB
-# RGBA PNG can declare 16 M pixels and take most of a second to decode.
-INLINE_DECODE_PIXELS = 512 * 512
+if TYPE_CHECKING:
+    from serving.tracing import Tracing
+
 # A drain stops the front end once no call has arrived for this long (in this many steps of
 # the event loop, each on time).
 SETTLE_QUIET_S = 0.1
@@ -62,6 +63,10 @@ class Classification:
     labels: tuple[str, ...]
     indices: np.ndarray  # (N, k) int
     probabilities: np.ndarray  # (N, k) float32
+    # Out-of-distribution score of each image (serving.monitor: 0..1, higher is less like
+    # the test set) and whether it is above the version's threshold (False without one).
+    ood_scores: np.ndarray  # (N,) float
+    ood_flagged: np.ndarray  # (N,) bool
 
 
 @dataclass(frozen=True)
@@ -117,10 +122,14 @@ class DataPlane:
         repository: ModelRepository,
         limits: Limits,
         decode_executor: concurrent.futures.Executor | None = None,
+        capture: Capture | None = None,
+        tracing: Tracing | None = None,
     ):
         self.repository = repository
+        self.capture = capture  # a sample of answered images for retraining (None: off)
+        self.tracing = tracing  # spans of calls, for the front ends (None: tracing is off)
         self.limits = limits
-        self.decode_executor = decode_executor
+        self.decoder = Decoder(decode_executor)
         self.admitting = True
         self.arrivals = 0  # calls that asked for admission, admitted or not
         self.shared_memory = SharedMemory()  # regions of clients on this host
@@ -236,6 +245,7 @@ class DataPlane:
         images: Sequence[ImageInput],
         k: int,
         deadline: float | None,
+        request_id: str = "",
     ) -> Classification:
         """The top `k` classes (0: 1) of every image, computed in some batch."""
         mv = self.model(name, version)
@@ -246,8 +256,9 @@ class DataPlane:
             rows, mv = await self._rows(images, mv, name, version)
             out = await mv.batcher.submit(rows, deadline)
             clock.computed()
+            scores, flagged = self._answered(mv, rows, out, request_id)
             idx, probs = top_k(out[:, 1], min(k or 1, mv.num_classes))
-            return Classification(mv.name, mv.version, mv.labels, idx, probs)
+            return Classification(mv.name, mv.version, mv.labels, idx, probs, scores, flagged)
 
     async def infer(self, request: v2.InferRequest, deadline: float | None) -> v2.InferResponse:
         """A V2 inference: one input tensor in, the requested output tensors out."""
@@ -258,9 +269,20 @@ class DataPlane:
             wanted = v2.requested_outputs(request.outputs)
             out = await mv.batcher.submit(rows, deadline)
             clock.computed()
-            outputs = v2.outputs(out, wanted, mv.labels)
+            scores, flagged = self._answered(mv, rows, out, request.id)
+            outputs = v2.outputs(out, wanted, mv.labels, scores, flagged)
             v2.write_shared(outputs, self.shared_memory)
             return v2.InferResponse(mv.name, mv.version, request.id, outputs)
+
+    def _answered(
+        self, mv: ModelVersion, rows: np.ndarray, out: np.ndarray, request_id: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What every answered Predict and V2 inference goes through: a sample of it is
+        captured (--capture-dir) and the version's monitor counts it; returns each image's
+        out-of-distribution score and flag."""
+        if self.capture is not None:
+            self.capture.offer(mv.name, mv.version, mv.labels, rows, out[:, 1], request_id)
+        return mv.monitor.observe(rows, out)
 
     async def explain(
         self, name: str, version: int | None, request: ExplainRequest, deadline: float | None
@@ -331,10 +353,10 @@ class DataPlane:
         if rows is not None:
             return rows, mv
         while True:
-            rows = self.decode_inline(images, mv.spec)
+            rows = self.decoder.inline(images, mv.spec)
             if rows is not None:  # no suspension: no swap can have happened
                 return rows, mv
-            rows = await self.decode_in_thread(images, mv.spec)
+            rows = await self.decoder.in_thread(images, mv.spec)
             # The decode awaited a thread: a hot swap may have happened meanwhile, so resolve
             # the model again (and decode again, off the loop, if its input changed).
             latest = self.model(name, version)
@@ -349,45 +371,6 @@ class DataPlane:
             raise InvalidInput("request has no image")
         rows, mv = await self._rows([image], mv, name, version)
         return rows[0], mv
-
-    def decode(
-        self, images: Sequence[ImageInput], spec: InputSpec, inline_pixels: int | None = None
-    ) -> np.ndarray:
-        """Every image of a request -> one (N, C, H, W) uint8 array, or InvalidInput naming
-        the image (or NeedsThread for an image declaring more than `inline_pixels`)."""
-        n = len(images)
-        self.check_count(n)
-        out = np.empty((n, *spec.shape), dtype=np.uint8)
-        budget = PixelBudget(spec)
-        for i, img in enumerate(images):
-            try:
-                if isinstance(img, RawTensor):
-                    out[i] = tensor_to_image(img.dtype, img.shape, img.data, spec)
-                elif isinstance(img, EncodedImage):
-                    out[i] = decode_image(img.data, spec, inline_pixels, budget)
-                else:
-                    raise InvalidInput("neither encoded bytes nor a tensor")
-            except InvalidInput as exc:
-                raise InvalidInput(f"image {i}: {exc}") from None
-        return out
-
-    def decode_inline(self, images: Sequence[ImageInput], spec: InputSpec) -> np.ndarray | None:
-        """`decode` on the calling thread (the event loop) when that is cheap: few encoded
-        bytes declaring few pixels. None: the decode belongs on the decode executor."""
-        if self.decode_executor is None:
-            return self.decode(images, spec)
-        encoded = sum(len(i.data) for i in images if isinstance(i, EncodedImage))
-        if encoded >= INLINE_DECODE_BYTES:
-            return None
-        try:
-            return self.decode(images, spec, INLINE_DECODE_PIXELS)
-        except NeedsThread:
-            return None
-
-    async def decode_in_thread(self, images: Sequence[ImageInput], spec: InputSpec) -> np.ndarray:
-        """`decode` on the decode executor."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decode_executor, self.decode, images, spec)
 
 
 def read_text(path: Path) -> str:

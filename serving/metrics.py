@@ -16,8 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from serving.batcher import BatchObserver
-from serving.repository import ModelVersion, RepositoryEvents
+from serving.contract import CONFIDENCE_BUCKETS, INTENSITY_BUCKETS
 
 LATENCY_BUCKETS = (
     5e-4,
@@ -81,6 +80,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, enabled: bool = True):
         r = registry if registry is not None else CollectorRegistry()
+        if not enabled:  # the metrics are built, then replaced: none reaches a registry used
+            r = CollectorRegistry()
         self.registry = r
         self.enabled = enabled
         # Labelled children of the per-request metrics, resolved once per label set:
@@ -231,6 +232,47 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # What the model predicts, against its test set (serving.monitor). Updated once a
+        # second from each version's running counts (flush_monitor), not per image.
+        self.predictions = Counter(
+            "convserve_predictions_total",
+            "Images answered by Predict, PredictStream and ModelInfer (not Explain), by the "
+            "predicted (top-1) class. Drift: compare the classes' shares with "
+            "convserve_reference_class_fraction.",
+            ["model", "version", "class"],
+            registry=r,
+        )
+        self.prediction_confidence = Histogram(
+            "convserve_prediction_confidence",
+            "Top-1 probability of each answered image (the manifest's monitoring has the "
+            "test set's shares over the same buckets).",
+            ["model", "version"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.input_intensity = Histogram(
+            "convserve_input_mean_intensity",
+            "Mean pixel intensity (0 black .. 1 white) of each answered image, as the model "
+            "saw it.",
+            ["model", "version"],
+            buckets=INTENSITY_BUCKETS,
+            registry=r,
+        )
+        self.ood_flagged = Counter(
+            "convserve_ood_flagged_total",
+            "Answered images flagged out of distribution: score (serving.monitor) above the "
+            "version's threshold, its test set's 95th percentile (~5% of in-distribution images).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.reference_class_fraction = Gauge(
+            "convserve_reference_class_fraction",
+            "Share of the version's test-set images predicted in each class (its manifest's "
+            "monitoring.class_fractions): the baseline prediction drift is measured against.",
+            ["model", "version", "class"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.process_cpu = Gauge(
             "convserve_process_cpu_seconds",
             "CPU time (user + system) of this worker process.",
@@ -248,6 +290,31 @@ class Metrics:
             "Open file descriptors of this worker process.",
             registry=r,
             multiprocess_mode="liveall",
+        )
+        # Sampled captures (serving.capture): each sampled image is captured or dropped.
+        self.captured = Counter(
+            "convserve_captured_images_total",
+            "Images written to --capture-dir (a PNG and its JSON line).",
+            ["model"],
+            registry=r,
+        )
+        self.capture_dropped = Counter(
+            "convserve_capture_dropped_images_total",
+            "Images sampled for capture but not written, by reason (serving.capture.REASONS: "
+            "queue_full, write_error, too_large, shutdown); the request is answered anyway.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.capture_evicted = Counter(
+            "convserve_capture_evicted_images_total",
+            "Captured images deleted, oldest first, to stay within --capture-max-bytes.",
+            registry=r,
+        )
+        self.capture_bytes = Gauge(
+            "convserve_capture_bytes",
+            "Bytes of the files the server's captures hold in --capture-dir.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
 
         if not enabled:
@@ -269,9 +336,6 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def model_observer(self, model: str, version: int) -> ModelObserver:
-        return ModelObserver(self, model, str(version))
-
     def update_process(self) -> None:
         """Refresh this worker's CPU, memory and fd gauges (called periodically). In
         multiprocess mode prometheus_client adds a `pid` label to each (liveall)."""
@@ -290,38 +354,6 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class ModelObserver(BatchObserver):
-    """Batcher observations for one model version, with children bound once (hot path)."""
-
-    def __init__(self, m: Metrics, model: str, version: str):
-        self._depth = m.queue_depth.labels(model, version)
-        self._wait = m.queue_wait.labels(model, version)
-        self._compute = m.compute.labels(model, version)
-        self._size = m.batch_size.labels(model, version)
-        self._items = m.items.labels(model, version)
-        self._dropped = {
-            r: m.dropped_rows.labels(model, version, r) for r in ("deadline", "cancelled", "failed")
-        }
-        self._abandoned = m.abandoned_rows.labels(model, version)
-
-    def queue_depth(self, rows: int) -> None:
-        self._depth.set(rows)
-
-    def queue_wait(self, seconds: float) -> None:
-        self._wait.observe(seconds)
-
-    def batch(self, size: int, seconds: float, requests: int = 1, assembly: float = 0.0) -> None:
-        self._compute.observe(seconds)
-        self._size.observe(size)
-        self._items.inc(size)
-
-    def dropped(self, rows: int, reason: str) -> None:
-        self._dropped[reason].inc(rows)
-
-    def abandoned(self, rows: int) -> None:
-        self._abandoned.inc(rows)
-
-
 class RequestTimer:
     """Counts a call by method, status code and protocol and observes its latency."""
 
@@ -336,48 +368,3 @@ class RequestTimer:
     def done(self, code: str) -> None:
         elapsed = time.perf_counter() - self._start
         self._metrics.request_done(self.method, code, elapsed, self.protocol)
-
-
-class MetricsEvents(RepositoryEvents):
-    """Repository events as metrics: loads, failures, swaps and the model info gauge."""
-
-    def __init__(self, metrics: Metrics):
-        self.m = metrics
-        self._live = 0
-        self._refused: set[tuple[str, int, str]] = set()  # refused_version gauges set to 1
-
-    def load(self, model: str, version: int, ok: bool, reason: str = "") -> None:
-        if ok:
-            self.m.model_loads.labels(model).inc()
-        else:
-            self.m.model_load_failures.labels(model, reason).inc()
-        # A version's refusal is current until it is refused again or it (or a newer one) loads.
-        for key in [k for k in self._refused if k[0] == model and k[1] <= version]:
-            if ok or key[1] == version:
-                self.m.model_refused.labels(key[0], str(key[1]), key[2]).set(0)
-                self._refused.discard(key)
-        if not ok:
-            self.m.model_refused.labels(model, str(version), reason).set(1)
-            self._refused.add((model, version, reason))
-
-    def changed(self, model: str, version: int, event: str) -> None:
-        self.m.model_files_changed.labels(model, event).inc()
-
-    def writable(self, folders: dict[str, int]) -> None:
-        for who, count in folders.items():
-            self.m.repository_writable.labels(who).set(count)
-
-    def swap(self, model: str, old: int | None, new: int) -> None:
-        if old is not None:
-            self.m.model_swaps.labels(model).inc()
-
-    def info(self, mv: ModelVersion, live: bool) -> None:
-        s = mv.session
-        labels = (mv.name, str(mv.version), s.provider, str(mv.opset), s.requested_device)
-        self.m.model_info.labels(*labels).set(1 if live else 0)
-        self.m.provider_fallback.labels(mv.name).set(1 if s.fallback else 0)
-        self._live += 1 if live else -1
-        self.m.models_loaded.set(self._live)
-
-    def observer(self, model: str, version: int) -> BatchObserver:
-        return self.m.model_observer(model, version)

@@ -33,12 +33,14 @@ from serving.contract import (
     Manifest,
     ManifestError,
     Stage,
-    metadata_disagreement,
     read_document,
 )
 from serving.errors import DeviceUnavailable, ModelLoadError
+from serving.metadata import metadata_disagreement
+from serving.monitor import Monitor
 from serving.runtime import RuntimeOptions, Session
 from serving.statistics import InferenceStatistics
+from serving.tracing import model_attributes
 
 log = logging.getLogger("convserve.repository")
 
@@ -76,6 +78,11 @@ class ModelVersion:
     insight: Session | None = None  # model.insight.onnx, when the version has one
     stamp: float = 0.0  # the folder's stamp when loaded: a later difference is reported
     statistics: InferenceStatistics = field(default_factory=InferenceStatistics)
+    # What it predicts, against its test set (serving.monitor).
+    monitor: Monitor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.monitor = Monitor(self.manifest)
 
     @property
     def spec(self) -> InputSpec:
@@ -159,7 +166,12 @@ class Loader:
         # Triton-style statistics see every batcher observation and pass it on.
         statistics = InferenceStatistics(observer)
         batcher = Batcher(
-            opened.session.classify, self.batching, executor, statistics, f"{name}:{version}"
+            opened.session.classify,
+            self.batching,
+            executor,
+            statistics,
+            f"{name}:{version}",
+            model_attributes(name, version, opened.session.provider),
         )
         return ModelVersion(
             name,

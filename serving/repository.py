@@ -64,6 +64,9 @@ class RepositoryEvents:
 
     def swap(self, model: str, old: int | None, new: int) -> None: ...
     def info(self, mv: ModelVersion, live: bool) -> None: ...
+    def retired(self, mv: ModelVersion) -> None:
+        """A swapped-out version finished what it had admitted and is gone."""
+
     def observer(self, model: str, version: int) -> BatchObserver | None: ...
 
 
@@ -353,6 +356,7 @@ class ModelRepository:
         async def drain() -> None:
             await mv.batcher.close(timeout=60.0)
             mv.executor.shutdown(wait=False)
+            self.events.retired(mv)
             log.info("retired %s version %d", mv.name, mv.version)
 
         task = asyncio.get_running_loop().create_task(drain())

@@ -24,16 +24,19 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from serving.auth import TokenFileError, TokenTable
+from serving.capture import Capture
 from serving.dataplane import DataPlane
 from serving.errors import DeviceUnavailable
 from serving.grpc import server as grpc_front
 from serving.grpc.tls import CertificateStore
 from serving.http import server as http_front
 from serving.http.tls import ServerContext
-from serving.metrics import Metrics, MetricsEvents
+from serving.metrics import Metrics
+from serving.observers import MetricsEvents, flush_monitor
 from serving.repository import ModelRepository
 from serving.settings import EVENT_LOOPS, ServerSettings
 from serving.tls import TLSError
+from serving.tracing import TracingError, tracing_from_environ
 
 # On SIGTERM, calls that keep arriving are refused as draining for at most this long (or half
 # the drain timeout) before the front end stops: long enough for a load balancer to take the
@@ -86,6 +89,8 @@ class App:
 
     async def start(self) -> None:
         """Load and warm every model, then report SERVING (health stays NOT_SERVING until)."""
+        if self.plane.capture is not None:
+            self.plane.capture.start()
         await self.repository.start()
         await self.front.set_serving(self.plane.ready)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
@@ -101,10 +106,16 @@ class App:
         while True:
             try:
                 self.metrics.update_process()
+                self.flush_monitors()
                 await self.front.set_serving(self.plane.ready)
             except Exception:  # one failed refresh must not end health reporting
                 log.exception("health and process figures not refreshed")
             await asyncio.sleep(1.0)
+
+    def flush_monitors(self) -> None:
+        """What every served version predicted since the last flush, into the metrics."""
+        for mv in self.plane.served("", None):
+            flush_monitor(self.metrics, mv)
 
     async def drain(self, timeout: float) -> None:
         """NOT_SERVING, refuse new RPCs, finish every admitted one (bounded), stop."""
@@ -124,25 +135,33 @@ class App:
         if self.http is not None:
             stops.append(self.http.stop())
         await asyncio.gather(*stops)
+        if self.plane.capture is not None:  # write what was captured (bounded), then stop
+            await self.plane.capture.drain()
         await self.repository.close(timeout=1.0)
+        self.flush_monitors()
         self.plane.shared_memory.close()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
         self.decode_executor.shutdown(wait=False)
+        if self.plane.tracing is not None:  # export the spans still buffered (bounded)
+            await asyncio.get_running_loop().run_in_executor(None, self.plane.tracing.shutdown)
 
 
 async def create_server(
     settings: ServerSettings, registry: CollectorRegistry | None = None
 ) -> tuple[grpc.aio.Server, int, App]:
     """Build one worker's server and bind it; call `app.start()` then `server.start()`."""
+    tracing = tracing_from_environ()  # the OTEL_* variables: None (off) unless they ask
     metrics = Metrics(registry, enabled=settings.metrics)
+    capture_config = settings.capture  # its folder is made (or refused) before anything else
+    capture = Capture(capture_config, metrics) if capture_config else None
     repository = ModelRepository(
         settings.repository, settings.runtime, settings.batching, MetricsEvents(metrics)
     )
     decode_executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="decode")
-    plane = DataPlane(repository, settings.limits, decode_executor)
+    plane = DataPlane(repository, settings.limits, decode_executor, capture, tracing)
     try:
         access = Access.from_settings(settings)
         front = await grpc_front.build(settings, plane, metrics, access.certificates, access.tokens)
@@ -237,7 +256,7 @@ def run(settings: ServerSettings, registry: CollectorRegistry | None = None) -> 
     """`serve` on the settings' event loop; 3 (logged) when the server cannot start."""
     try:
         return loop_runner(settings.event_loop)(serve(settings, registry))
-    except (DeviceUnavailable, OSError, TLSError, TokenFileError) as exc:
+    except (DeviceUnavailable, OSError, TLSError, TokenFileError, TracingError) as exc:
         log.error("cannot start: %s", exc)
         return 3
 

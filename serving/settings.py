@@ -16,6 +16,7 @@ from pathlib import Path
 
 from serving.auth import GROUPS, TokenFileError, parse_groups
 from serving.batcher import BatchConfig
+from serving.capture import CaptureConfig
 from serving.contract import VARIANT_FILES
 from serving.dataplane import Limits
 from serving.options import SettingsError, option, parse, validate
@@ -26,6 +27,8 @@ from serving.tls import TLSFiles
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 CONTROL_MODES = ("poll", "none", "explicit")
 DEFAULT_POLL_S = 5.0
+DEFAULT_CAPTURE_RATE = 0.01
+DEFAULT_CAPTURE_MAX_BYTES = 1 << 30
 LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 _DEVICE_RE = re.compile(r"auto|cpu|tensorrt|cuda(:\d+)?")
 
@@ -149,7 +152,32 @@ class ServerSettings:
     health_port: int = option(
         0, "plaintext grpc.health.v1-only port for probes (0: off)", minimum=0
     )
+    # Sampled captures for retraining (serving.capture; what they hold: SECURITY.md).
+    capture_dir: Path | None = option(
+        None,
+        "write a sample of the classified images here, as PNGs in a folder per predicted "
+        "class (cnn-train's imagefolder layout), each with a JSON line (default: off)",
+    )
+    capture_rate: float | None = option(
+        None,
+        f"fraction of images captured, 0..1 (default {DEFAULT_CAPTURE_RATE:g}; needs "
+        "--capture-dir)",
+        minimum=0,
+    )
+    capture_max_bytes: int | None = option(
+        None,
+        "bytes the captures may hold, split evenly between the workers; the oldest are "
+        f"deleted first (default {DEFAULT_CAPTURE_MAX_BYTES >> 30} GiB; needs --capture-dir)",
+        minimum=1,
+    )
     # Set by code, not by users.
+    capture_queue: int = option(
+        256, "images waiting to be captured beyond which more are dropped", minimum=1, cli=False
+    )
+    worker_index: int = option(0, "this worker's number, 0..worker_count-1", minimum=0, cli=False)
+    worker_count: int = option(
+        1, "--workers of the server this worker is one of (its own is 1)", minimum=1, cli=False
+    )
     reuse_port: bool = option(
         False, "workers sharing a port the parent reserved (SO_REUSEPORT)", cli=False
     )
@@ -172,6 +200,11 @@ class ServerSettings:
                 f"{self.model_control_mode}: only poll mode scans the repository (in explicit "
                 "mode RepositoryModelLoad loads a model); drop one of them"
             )
+        given = self.capture_rate is not None or self.capture_max_bytes is not None
+        if self.capture_dir is None and given:
+            raise SettingsError("--capture-rate and --capture-max-bytes need --capture-dir")
+        if self.capture_rate is not None and not 0 <= self.capture_rate <= 1:
+            raise SettingsError(f"--capture-rate must be within 0..1, got {self.capture_rate}")
         self.repository  # noqa: B018  (a malformed --model NAME:V,V is refused here)
 
     @functools.cached_property
@@ -228,6 +261,17 @@ class ServerSettings:
         return Limits(
             self.max_images_per_request, self.max_explain_positions, self.shed_by_deadline
         )
+
+    @property
+    def capture(self) -> CaptureConfig | None:
+        """This worker's captures, with its share of the byte budget; None when off (no
+        --capture-dir, or a rate of 0)."""
+        if self.capture_dir is None or self.capture_rate == 0:
+            return None
+        rate = DEFAULT_CAPTURE_RATE if self.capture_rate is None else self.capture_rate
+        budget = self.capture_max_bytes or DEFAULT_CAPTURE_MAX_BYTES
+        share = budget // self.worker_count
+        return CaptureConfig(self.capture_dir, rate, share, self.capture_queue, self.worker_index)
 
     @property
     def tls_files(self) -> TLSFiles | None:

@@ -5,7 +5,10 @@ A V2 request names a model and an optional version (a string of ASCII digits), c
 input tensor `images` (the model's datatype, UINT8, NCHW; anything else is refused, as the
 protocol asks) as raw little-endian bytes or as typed values,
 and may ask for `logits` and/or `probabilities`, each optionally through the classification
-extension (the top k classes as "<value>:<index>:<label>" strings, best first).
+extension (the top k classes as "<value>:<index>:<label>" strings, best first). The server's
+own outputs, answered only when named: `ood_score` (FP32 (N, 1), serving.monitor's
+out-of-distribution score) and `ood_flagged` (BOOL (N, 1), the score above the version's
+threshold).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ EXTENSIONS = (
 )
 PLATFORM = "onnxruntime_onnx"
 INPUT_DATATYPE = "UINT8"  # the model's input, as model_metadata says
+# Outputs the server computes beside the graph's (serving.monitor), answered when named; a
+# request naming no output gets the graph's, as Triton would answer.
+OOD_SCORE, OOD_FLAGGED = SERVER_OUTPUTS = ("ood_score", "ood_flagged")
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ class InferOutput:
     """FP32 values (N, K), or BYTES classification strings (N * k of them, row-major)."""
 
     name: str
-    datatype: str  # "FP32" | "BYTES"
+    datatype: str  # "FP32" | "BYTES" | "BOOL"
     shape: tuple[int, int]
     data: np.ndarray | list[bytes]
     shared: SharedSlice | None = None  # written there: the answer carries no data for it
@@ -126,7 +132,11 @@ def model_metadata(
         versions=tuple(str(v) for v in versions),
         platform=PLATFORM,
         inputs=(TensorMetadata(INPUT_NAME, INPUT_DATATYPE, (-1, *spec.shape)),),
-        outputs=tuple(TensorMetadata(n, "FP32", (-1, num_classes)) for n in OUTPUT_NAMES),
+        outputs=(
+            *(TensorMetadata(n, "FP32", (-1, num_classes)) for n in OUTPUT_NAMES),
+            TensorMetadata(OOD_SCORE, "FP32", (-1, 1)),
+            TensorMetadata(OOD_FLAGGED, "BOOL", (-1, 1)),
+        ),
     )
 
 
@@ -192,6 +202,8 @@ def tensor_bytes(o: InferOutput) -> bytes:
     a 4-byte little-endian length then its bytes."""
     if o.datatype == "BYTES":
         return b"".join(struct.pack("<I", len(s)) + s for s in o.data)  # type: ignore[union-attr]
+    if o.datatype == "BOOL":
+        return np.ascontiguousarray(o.data, np.bool_).tobytes()
     return np.ascontiguousarray(o.data, "<f4").tobytes()
 
 
@@ -212,23 +224,37 @@ def requested_outputs(outputs: Sequence[RequestedOutput]) -> list[RequestedOutpu
     """The outputs to answer, each checked; every output when none is named."""
     wanted = list(outputs) or [RequestedOutput(n) for n in OUTPUT_NAMES]
     for i, o in enumerate(wanted):
-        if o.name not in OUTPUT_NAMES:
-            raise InvalidInput(f"unknown output {clip(o.name)!r}; have {list(OUTPUT_NAMES)}")
+        if o.name not in OUTPUT_NAMES + SERVER_OUTPUTS:
+            have = [*OUTPUT_NAMES, *SERVER_OUTPUTS]
+            raise InvalidInput(f"unknown output {clip(o.name)!r}; have {have}")
         # Each at most once: 30,000 copies in a 1 MB request cost seconds of event loop.
         if any(o.name == other.name for other in wanted[:i]):
             raise InvalidInput(f"output {o.name!r} is requested more than once")
         if o.classification < 0:
             raise InvalidInput(f"output {o.name!r}: classification must be >= 0")
+        if o.classification and o.name in SERVER_OUTPUTS:
+            raise InvalidInput(f"output {o.name!r} has no classes to rank")
     return wanted
 
 
 def outputs(
-    out: np.ndarray, wanted: Sequence[RequestedOutput], labels: Sequence[str]
+    out: np.ndarray,
+    wanted: Sequence[RequestedOutput],
+    labels: Sequence[str],
+    ood_scores: np.ndarray,
+    ood_flagged: np.ndarray,
 ) -> list[InferOutput]:
-    """The batcher's (N, 2, K) logits and probabilities as the requested output tensors."""
+    """The batcher's (N, 2, K) logits and probabilities, and the (N,) out-of-distribution
+    scores and flags, as the requested output tensors."""
     n, k = len(out), len(labels)
     answers = []
     for o in wanted:
+        if o.name == OOD_SCORE:
+            answers.append(InferOutput(o.name, "FP32", (n, 1), ood_scores[:, None], o.shared))
+            continue
+        if o.name == OOD_FLAGGED:
+            answers.append(InferOutput(o.name, "BOOL", (n, 1), ood_flagged[:, None], o.shared))
+            continue
         values = out[:, OUTPUT_NAMES.index(o.name)]
         if o.classification:
             kk = min(o.classification, k)

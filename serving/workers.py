@@ -31,6 +31,7 @@ from serving.cores import usable_cores
 from serving.logs import setup_logging
 from serving.settings import ServerSettings
 from serving.tls import TLSError
+from serving.tracing import TracingConfig, TracingError
 
 log = logging.getLogger("convserve.workers")
 
@@ -74,7 +75,8 @@ def worker(settings: ServerSettings) -> None:
     sys.exit(server.run(settings, CollectorRegistry()))
 
 
-def worker_settings(settings: ServerSettings, port: int) -> ServerSettings:
+def worker_settings(settings: ServerSettings, port: int, index: int = 0) -> ServerSettings:
+    """Worker `index`'s settings (the same number when it is restarted: its capture files)."""
     threads = settings.intra_op_threads
     if threads == 0:
         # ORT's default is a thread per core in every worker: N workers would run N x cores
@@ -87,6 +89,8 @@ def worker_settings(settings: ServerSettings, port: int) -> ServerSettings:
         metrics_port=0,
         workers=1,
         intra_op_threads=threads,
+        worker_index=index,
+        worker_count=settings.workers,
     )
 
 
@@ -100,11 +104,15 @@ def run_parent(settings: ServerSettings) -> int:
             "cnn-serve --workers N started inside one of its own workers: call "
             "serving.main.main() under `if __name__ == '__main__':` in the launching script"
         )
+    from serving.capture_files import prepare_folder
     from serving.server import Access
 
     try:  # here, once: a worker that cannot start would be restarted forever
         Access.from_settings(settings)
-    except (TLSError, TokenFileError) as exc:
+        TracingConfig.from_environ()  # each worker builds its own tracer provider from it
+        if settings.capture_dir is not None:
+            prepare_folder(settings.capture_dir)
+    except (TLSError, TokenFileError, OSError, TracingError) as exc:
         log.error("cannot start: %s", exc)
         return 3
     given = os.environ.get(MULTIPROC_ENV)
@@ -126,23 +134,23 @@ def run_parent(settings: ServerSettings) -> int:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=str(mp_dir))
             start_http_server(settings.metrics_listener, settings.metrics_host, registry)
-        each = worker_settings(settings, port)
 
-        def start() -> BaseProcess:
+        def start(i: int) -> BaseProcess:
+            each = worker_settings(settings, port, i)
             p = spawn.Process(target=worker, args=(each,), name="convserve-worker")
             p.start()
             return p
 
         workers: list[BaseProcess] = []
         signal.signal(signal.SIGHUP, lambda *_: _forward(workers, signal.SIGHUP))
-        workers += [start() for _ in range(settings.workers)]
+        workers += [start(i) for i in range(settings.workers)]
         log.info("started %d workers on port %d: %s", len(workers), port, [w.pid for w in workers])
         while not stopping.wait(0.2):
             for i, w in enumerate(workers):
                 if not w.is_alive():
                     log.error("worker %d exited with %s; restarting it", w.pid, w.exitcode)
                     multiprocess.mark_process_dead(w.pid, str(mp_dir))
-                    workers[i] = start()
+                    workers[i] = start(i)
         _forward(workers, signal.SIGTERM)
         code = _wait(workers, settings.drain_timeout + 10, mp_dir)
     if not given:  # ours: remove it (a folder the operator named is theirs to keep)

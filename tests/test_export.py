@@ -22,7 +22,8 @@ from onnx import numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 import trainer
-from serving.contract import METADATA_KEYS, versions
+from serving.contract import versions
+from serving.metadata import METADATA_KEYS
 from trainer.cli import export_main, train_main
 from trainer.data import load_dataset
 from trainer.export import ExportError, export_checkpoint, load_model, resolve_checkpoint
@@ -35,6 +36,7 @@ from trainer.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fashion-mnist"
 CONTRACT_KEYS = {
+    "monitoring",
     "format",
     "name",
     "version",

@@ -520,9 +520,9 @@ def test_a_small_file_declaring_many_pixels_is_decoded_on_the_executor_not_the_l
                 big = [EncodedImage(flat_png(170, 2000))]  # ~20 KB, 4 M pixels
                 small = [EncodedImage(flat_png(170, 28))]
                 return (
-                    plane.decode_inline(big, mv.spec),
-                    plane.decode_inline(small, mv.spec),
-                    await plane.decode_in_thread(big, mv.spec),
+                    plane.decoder.inline(big, mv.spec),
+                    plane.decoder.inline(small, mv.spec),
+                    await plane.decoder.in_thread(big, mv.spec),
                 )
         finally:
             await repo.close()

@@ -29,8 +29,9 @@ from onnx import TensorProto
 from prometheus_client import CollectorRegistry
 
 from serving.client import Client
-from serving.metrics import Metrics, MetricsEvents
+from serving.metrics import Metrics
 from serving.model import REFUSALS
+from serving.observers import MetricsEvents
 from serving.repository import ModelRepository
 from serving.runtime import Session
 from serving.settings import ServerSettings

@@ -33,6 +33,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.metrics import Metrics
+from serving.observers import ModelObserver
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from tests.inprocess import InProcessServer, serving
@@ -504,7 +505,7 @@ def test_no_metrics_serves_and_records_nothing(model_repository, tmp_path):
     m = Metrics(registry, enabled=False)
     m.request_done("Predict", "OK", 0.001)
     m.inflight.inc()
-    m.model_observer("m", 1).batch(4, 0.01)
+    ModelObserver(m, "m", "1").batch(4, 0.01)
     values = [s.value for f in registry.collect() for s in f.samples]
     assert not any(values), "a disabled Metrics recorded something"
     registry = CollectorRegistry()

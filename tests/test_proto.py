@@ -224,7 +224,7 @@ CLASSIFIER_FIELDS = {
     "Image": {"encoded": 1, "tensor": 2},
     "PredictRequest": {"model": 1, "version": 2, "images": 3, "top_k": 4, "request_id": 5},
     "ClassScore": {"index": 1, "label": 2, "probability": 3},
-    "Prediction": {"classes": 1},
+    "Prediction": {"classes": 1, "ood_score": 2, "out_of_distribution": 3},
     "PredictResponse": {"model": 1, "version": 2, "predictions": 3, "request_id": 4},
     "ModelInfoRequest": {"model": 1, "version": 2},
     "InputSpec": {"name": 1, "dtype": 2, "layout": 3, "channels": 4, "height": 5, "width": 6},

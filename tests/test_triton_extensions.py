@@ -295,8 +295,11 @@ def test_log_settings_read_and_set_the_servers_log_level(stub):
 
 
 def test_trace_settings_say_tracing_is_off_and_refuse_to_turn_it_on(stub):
+    # Started without OTEL_TRACES_EXPORTER: no exporter to turn on (tests/test_tracing.py
+    # switches a tracing server off and on).
     settings = stub.TraceSetting(pb.TraceSettingRequest()).settings
     assert list(settings["trace_level"].value) == ["OFF"]
+    assert list(settings["trace_mode"].value) == ["opentelemetry"]
     req = pb.TraceSettingRequest()
     req.settings["trace_level"].value.append("TIMESTAMPS")
     with pytest.raises(grpc.RpcError) as err:

@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.contract import MANIFEST_FILE, MODEL_FILE, Manifest, metadata_props
+from serving.contract import MANIFEST_FILE, MODEL_FILE, Manifest
+from serving.metadata import metadata_props
 
 OPSET = 17
 IR_VERSION = 8  # what every onnxruntime >= 1.14 reads

@@ -10,8 +10,9 @@ pixel values 0..255, shaped (H, W), (C, H, W) or (H, W, C)).
 
 Modules: `clients` (Client, AsyncClient), `retry` (the retry policy, PredictionError),
 `convert` (images -> requests, responses -> Prediction/Explanation), `channel` (targets,
-load balancing, TLS, tokens), `access` (the commands' TLS and token settings), `predict`
-(cnn-predict), `loadgen` (cnn-bench).
+load balancing, TLS, tokens), `tracecontext` (the caller's trace context, sent with each
+call), `access` (the commands' TLS and token settings), `predict` (cnn-predict), `loadgen`
+(cnn-bench).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from serving.client.convert import (
     to_predictions,
 )
 from serving.client.retry import Attempts, PredictionError, Retry, Throttle
+from serving.client.tracecontext import trace_metadata
 from serving.proto.convserve.v1 import classifier_pb2 as pb
 from serving.proto.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -81,6 +82,10 @@ class _ClientBase:
         request is built here, inside the call, so that AsyncClient raises bad input when
         its call is awaited."""
         raise NotImplementedError
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """This client's metadata and the caller's trace context (serving.client.tracecontext)."""
+        return self.metadata + trace_metadata()
 
     def predict(
         self,
@@ -153,10 +158,10 @@ class Client(_ClientBase):
     def _invoke(
         self, method: Any, build: Build, parse: Parse, timeout: float | None, probe: bool = False
     ) -> Any:
-        request, tries = build(), self._attempts(timeout, probe)
+        request, tries, metadata = build(), self._attempts(timeout, probe), self._call_metadata()
         while True:
             try:
-                response = method(request, timeout=tries.timeout(), metadata=self.metadata)
+                response = method(request, timeout=tries.timeout(), metadata=metadata)
             except grpc.RpcError as exc:
                 time.sleep(tries.backoff(exc))
             else:
@@ -175,7 +180,7 @@ class Client(_ClientBase):
         """Many requests over one stream: yields one list of predictions per batch, in order."""
         reqs = (predict_request(b, top_k, model, version) for b in batches)
         call = self.stub.PredictStream(
-            reqs, timeout=timeout or self.timeout, metadata=self.metadata
+            reqs, timeout=timeout or self.timeout, metadata=self._call_metadata()
         )
         try:
             for resp in call:
@@ -223,10 +228,10 @@ class AsyncClient(_ClientBase):
     async def _invoke(
         self, method: Any, build: Build, parse: Parse, timeout: float | None, probe: bool = False
     ) -> Any:
-        request, tries = build(), self._attempts(timeout, probe)
+        request, tries, metadata = build(), self._attempts(timeout, probe), self._call_metadata()
         while True:
             try:
-                response = await method(request, timeout=tries.timeout(), metadata=self.metadata)
+                response = await method(request, timeout=tries.timeout(), metadata=metadata)
             except grpc.RpcError as exc:
                 await asyncio.sleep(tries.backoff(exc))
             else:
@@ -251,7 +256,7 @@ class AsyncClient(_ClientBase):
                     yield predict_request(b, top_k, model, version)
 
         call = self.stub.PredictStream(
-            reqs(), timeout=timeout or self.timeout, metadata=self.metadata
+            reqs(), timeout=timeout or self.timeout, metadata=self._call_metadata()
         )
         try:
             async for resp in call:

@@ -27,6 +27,10 @@ class Prediction:
     classes: tuple[ClassScore, ...]
     model: str
     version: int
+    # The server's out-of-distribution score (0..1, higher is less like the test set) and
+    # whether it is above the version's threshold (the test set's 95th percentile).
+    ood_score: float = 0.0
+    out_of_distribution: bool = False
 
     @property
     def label(self) -> str:
@@ -120,6 +124,8 @@ def to_predictions(resp: pb.PredictResponse) -> list[Prediction]:
             tuple(ClassScore(c.index, c.label, c.probability) for c in p.classes),
             resp.model,
             resp.version,
+            p.ood_score,
+            p.out_of_distribution,
         )
         for p in resp.predictions
     ]

@@ -71,6 +71,20 @@ def _truth(path: Path, labels: Sequence[str]) -> int | None:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
+    """cnn-predict, in its caller's trace: TRACEPARENT (and OTEL_TRACES_EXPORTER for a span
+    of its own), as serving.client.tracecontext.command_trace reads them."""
+    from serving.client.tracecontext import command_trace
+    from serving.tracing import TracingError
+
+    try:
+        with command_trace("cnn-predict"):
+            return _predict(argv)
+    except TracingError as exc:
+        print(f"cnn-predict: {exc}", file=sys.stderr)
+        return 2
+
+
+def _predict(argv: Sequence[str] | None) -> int:
     s, args = parse(
         PredictSettings,
         argv,
@@ -145,9 +159,16 @@ def _print(path: Path, pred: Prediction, as_json: bool) -> None:
                         {"index": c.index, "label": c.label, "probability": round(c.probability, 6)}
                         for c in pred.classes
                     ],
+                    "ood_score": round(pred.ood_score, 4),
+                    "out_of_distribution": pred.out_of_distribution,
                 }
             )
         )
     else:
         others = ", ".join(f"{c.label} {c.probability:.3f}" for c in pred.classes[1:])
-        print(f"{path}\t{pred.label}\t{pred.probability:.4f}" + (f"\t({others})" if others else ""))
+        flag = "\tOUT OF DISTRIBUTION" if pred.out_of_distribution else ""
+        print(
+            f"{path}\t{pred.label}\t{pred.probability:.4f}"
+            + (f"\t({others})" if others else "")
+            + flag
+        )

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from google.protobuf import text_format
 
-from serving import logs, v2
+from serving import logs, trace_settings, v2
 from serving.errors import FailedPrecondition, InvalidInput
 from serving.grpc.status import rpc
 from serving.proto.inference import grpc_predict_v2_pb2 as pb
@@ -20,8 +20,6 @@ from serving.proto.inference import model_config_pb2 as mc
 from serving.statistics import Duration, InferenceStatistics
 
 LOOPBACK_PEERS = ("ipv4:127.", "ipv6:[::1]", "ipv6:%5B::1%5D", "unix:")
-TRACE_OFF = {"trace_level": ["OFF"], "trace_rate": ["1000"], "trace_count": ["-1"],
-             "log_frequency": ["0"], "trace_file": [""], "trace_mode": ["triton"]}  # fmt: skip
 
 
 def model_config(info: Any) -> mc.ModelConfig:
@@ -201,13 +199,10 @@ class TritonExtensions:
     # -- trace and log settings ----------------------------------------------------------
     @rpc("TraceSetting")
     async def TraceSetting(self, request: Any, context: Any) -> pb.TraceSettingResponse:
-        for key, value in request.settings.items():
-            if key == "trace_level" and list(value.value) not in ([], ["OFF"]):
-                raise FailedPrecondition(
-                    "tracing is not available in this release: trace_level stays OFF"
-                )
+        changes = {key: list(v.value) for key, v in request.settings.items()}
+        now = trace_settings.trace_setting(self.plane.tracing, request.model_name, changes)
         out = pb.TraceSettingResponse()
-        for key, values in TRACE_OFF.items():
+        for key, values in now.items():
             out.settings[key].value.extend(values)
         return out
 

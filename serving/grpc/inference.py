@@ -73,6 +73,8 @@ def infer_response(r: v2.InferResponse) -> pb.ModelInferResponse:
 
 
 class InferenceServicer(Servicer, TritonExtensions, pb_grpc.GRPCInferenceServiceServicer):
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
     def __init__(self, plane: Any, metrics: Any, log_format: str = "text"):
         super().__init__(plane, metrics)
         self.log_format = log_format

@@ -1,6 +1,7 @@
 """What every gRPC handler shares: core errors to status codes in one table, applied by one
-decorator that also asks the data plane for admission and counts each RPC by method and
-status code; and request bytes that are not a valid message answered INVALID_ARGUMENT.
+decorator that also asks the data plane for admission, counts each RPC by method and status
+code and, with tracing on, makes its span; and request bytes that are not a valid message
+answered INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from google.protobuf.message import DecodeError
 from serving import errors
 from serving.dataplane import DataPlane
 from serving.metrics import Metrics, RequestTimer
+from serving.tracing import CallTrace
 
 log = logging.getLogger("convserve.grpc")
 
@@ -64,6 +66,8 @@ def clip_utf8(text: str, limit: int) -> str:
 class Servicer:
     """What a handler of either service holds: the data plane and the metrics."""
 
+    service = ""  # the gRPC service's full name (its spans are named after it)
+
     def __init__(self, plane: DataPlane, metrics: Metrics):
         self.plane = plane
         self.metrics = metrics
@@ -75,7 +79,8 @@ Handler = Callable[..., Awaitable[Any]]
 def rpc(
     method: str, answer_error: Callable[[Any, str], Any] | None = None
 ) -> Callable[[Handler], Handler]:
-    """Admit, map core errors to status codes, count the RPC, observe its latency. With
+    """Admit, map core errors to status codes, count the RPC, observe its latency, trace it
+    (when tracing is on: serving.tracing). With
     `answer_error` (one message of a stream whose protocol answers errors in-band, as
     ModelStreamInfer does), a core error becomes the message `answer_error(request, text)`
     and the stream goes on, instead of ending the call."""
@@ -86,6 +91,7 @@ def rpc(
             timer = RequestTimer(self.metrics, method)
             self.metrics.inflight.inc()
             code = "OK"
+            trace = None if self.plane.tracing is None else call_trace(self, method, context)
             try:
                 self.plane.admit(deadline_of(context))
                 if isinstance(request, Undecodable):
@@ -117,10 +123,23 @@ def rpc(
             finally:
                 self.metrics.inflight.dec()
                 timer.done(code)
+                if trace is not None:
+                    trace.end_rpc(grpc.StatusCode[code].value[0])
 
         return handler
 
     return wrap
+
+
+def call_trace(servicer: Servicer, method: str, context: Any) -> CallTrace | None:
+    """The call's span, the child of the caller's W3C traceparent in its metadata."""
+    assert servicer.plane.tracing is not None
+    service = servicer.service
+    return servicer.plane.tracing.call(
+        f"{service}/{method}",
+        dict(context.invocation_metadata() or ()),
+        {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+    )
 
 
 class Undecodable:

@@ -44,8 +44,18 @@ def classification(c: Classification) -> dict[str, Any]:
         "model": c.model,
         "version": c.version,
         "predictions": [
-            {"classes": _classes(c.labels, idx, probs)}
-            for idx, probs in zip(c.indices.tolist(), c.probabilities.tolist(), strict=True)
+            {
+                "classes": _classes(c.labels, idx, probs),
+                "ood_score": score,
+                "out_of_distribution": flagged,
+            }
+            for idx, probs, score, flagged in zip(
+                c.indices.tolist(),
+                c.probabilities.tolist(),
+                c.ood_scores.tolist(),
+                c.ood_flagged.tolist(),
+                strict=True,
+            )
         ],
     }
 

@@ -145,6 +145,8 @@ def infer_response(
             chunks.append(raw)
         elif o.datatype == "BYTES":
             out["data"] = [s.decode() for s in o.data]  # type: ignore[union-attr]
+        elif o.datatype == "BOOL":
+            out["data"] = np.ascontiguousarray(o.data, dtype=np.bool_).ravel()
         else:  # float32 values written in their shortest exact form
             out["data"] = np.ascontiguousarray(o.data, dtype=np.float32).ravel()
         outputs.append(out)

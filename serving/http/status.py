@@ -1,8 +1,9 @@
 """What every HTTP handler shares: core errors to HTTP statuses in one table (next to the
 gRPC one, serving.grpc.status.STATUS_OF), answered as `{"error": "..."}` by one decorator
-that also checks the token, asks the data plane for admission, and counts each call by
-method, status and protocol. Method names are the gRPC methods' (ModelInfer, Predict...), so
-one dashboard row and one alert cover a method over both protocols.
+that also checks the token, asks the data plane for admission, counts each call by method,
+status and protocol and, with tracing on, makes its span. Method names are the gRPC
+methods' (ModelInfer, Predict...), so one dashboard row and one alert cover a method over
+both protocols.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from serving import errors
 from serving.metrics import RequestTimer
+from serving.tracing import CallTrace, Tracing
 
 log = logging.getLogger("convserve.http")
 
@@ -84,8 +86,11 @@ def endpoint(method: str, group: str, admit: bool = True) -> Callable[[Handler],
             timer = RequestTimer(self.metrics, method, "http")
             self.metrics.inflight.inc()
             response: web.StreamResponse | None = None
+            trace = None
             try:
                 self.authorize(request, group)
+                if self.plane.tracing is not None:  # a refused token is not traced (as gRPC)
+                    trace = call_trace(self.plane.tracing, method, request)
                 if admit:
                     self.plane.admit(None)
                 response = await fn(self, request)
@@ -104,6 +109,8 @@ def endpoint(method: str, group: str, admit: bool = True) -> Callable[[Handler],
             finally:
                 self.metrics.inflight.dec()
                 timer.done(str(response.status) if response is not None else "499")
+                if trace is not None:
+                    trace.end_http(response.status if response is not None else 499)
             if not self.plane.admitting:
                 response.force_close()  # draining: the client reconnects elsewhere
             return response
@@ -111,6 +118,23 @@ def endpoint(method: str, group: str, admit: bool = True) -> Callable[[Handler],
         return handler
 
     return wrap
+
+
+def call_trace(tracing: Tracing, method: str, request: web.Request) -> CallTrace | None:
+    """The call's span, the child of the caller's W3C traceparent header; named, as the
+    semantic conventions say, after the HTTP method and route."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    return tracing.call(
+        f"{request.method} {route}",
+        request.headers,
+        {
+            "http.request.method": request.method,
+            "http.route": route,
+            "url.path": request.path,
+            "rpc.method": method,  # the gRPC method it is (ModelInfer, Predict...)
+        },
+    )
 
 
 def read_json(body: bytes | memoryview, what: str = "request body") -> Any:

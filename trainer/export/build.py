@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from serving import monitor
 from serving.contract import (
     INPUT_NAME,
     INSIGHT_FILE,
@@ -24,8 +25,8 @@ from serving.contract import (
     OUTPUT_NAMES,
     Manifest,
     Stage,
-    metadata_props,
 )
+from serving.metadata import metadata_props
 from trainer import data as datalib
 from trainer.export.errors import ExportError
 from trainer.export.graph import (
@@ -155,6 +156,10 @@ def build_version(
     model_path = out / MODEL_FILE
     exporter = export_onnx(WithProbabilities(served), model_path, tuple(state["in_shape"]), opset)
     manifest = new_manifest(name, version, state, recipe, data.accuracy(reference), exporter)
+    # What the served graph did on the test set: production is compared with it.
+    n = len(data.test_labels)
+    watch = monitor.profile(reference.logits[:n], reference.probabilities[:n], data.images[:n])
+    manifest = replace(manifest, monitoring=watch)
     stamp_metadata(model_path, metadata_props(manifest, "fp32"))
     manifest = replace(manifest, opset=check_graph(model_path))
     manifest = replace(manifest, parity=check_parity(model_path, reference, data))

@@ -15,7 +15,8 @@ import onnx
 import torch
 from torch import nn
 
-from serving.contract import INPUT_NAME, METADATA_PREFIX, OUTPUT_NAMES, Stage
+from serving.contract import INPUT_NAME, OUTPUT_NAMES, Stage
+from serving.metadata import METADATA_PREFIX
 from trainer.export.errors import ExportError, first_line
 from trainer.models import Classifier
 

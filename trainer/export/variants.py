@@ -22,7 +22,8 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from serving.contract import MODEL_FILE, VARIANT_FILES, Manifest, metadata_props
+from serving.contract import MODEL_FILE, VARIANT_FILES, Manifest
+from serving.metadata import metadata_props
 from trainer import data as datalib
 from trainer.export.graph import stamp_metadata
 from trainer.export.int8 import quantize_int8

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63onvserve/v1/classifier.proto\x12\x0c\x63onvserve.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.convserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"L\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.convserve.v1.TensorH\x00\x42\x08\n\x06source\"x\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"?\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"7\n\nPrediction\x12)\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x18.convserve.v1.ClassScore\"t\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x18.convserve.v1.Prediction\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x81\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.convserve.v1.DataType\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\"\xeb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.convserve.v1.InputSpec\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x18\n\x10requested_device\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x15\n\rmanifest_json\x18\t \x01(\t\x12\x10\n\x08variants\x18\n \x03(\t\"\xd6\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.convserve.v1.Image\x12\x12\n\npatch_size\x18\x04 \x01(\x05\x12\x0e\n\x06stride\x18\x05 \x01(\x05\x12\x14\n\x0ctarget_class\x18\x06 \x01(\x05\x12\x18\n\x10has_target_class\x18\x07 \x01(\x08\x12\x12\n\nrender_png\x18\x08 \x01(\x08\x12\x18\n\x10\x61\x63tivation_stage\x18\t \x01(\t\"\xf4\x01\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\nprediction\x18\x03 \x01(\x0b\x32\x18.convserve.v1.Prediction\x12%\n\x07heatmap\x18\x04 \x01(\x0b\x32\x14.convserve.v1.Tensor\x12\x13\n\x0boverlay_png\x18\x05 \x01(\x0c\x12\x14\n\x0ctarget_class\x18\x06 \x01(\x05\x12\x16\n\x0e\x66orward_passes\x18\x07 \x01(\x03\x12)\n\x0b\x61\x63tivations\x18\x08 \x03(\x0b\x32\x14.convserve.v1.Tensor*=\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x32\xb7\x02\n\nClassifier\x12\x46\n\x07Predict\x12\x1c.convserve.v1.PredictRequest\x1a\x1d.convserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.convserve.v1.PredictRequest\x1a\x1d.convserve.v1.PredictResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.convserve.v1.ModelInfoRequest\x1a\x17.convserve.v1.ModelInfo\x12\x46\n\x07\x45xplain\x12\x1c.convserve.v1.ExplainRequest\x1a\x1d.convserve.v1.ExplainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63onvserve/v1/classifier.proto\x12\x0c\x63onvserve.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.convserve.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"L\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.convserve.v1.TensorH\x00\x42\x08\n\x06source\"x\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"?\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"g\n\nPrediction\x12)\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x18.convserve.v1.ClassScore\x12\x11\n\tood_score\x18\x02 \x01(\x02\x12\x1b\n\x13out_of_distribution\x18\x03 \x01(\x08\"t\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x18.convserve.v1.Prediction\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x81\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.convserve.v1.DataType\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\"\xeb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.convserve.v1.InputSpec\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x18\n\x10requested_device\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x15\n\rmanifest_json\x18\t \x01(\t\x12\x10\n\x08variants\x18\n \x03(\t\"\xd6\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.convserve.v1.Image\x12\x12\n\npatch_size\x18\x04 \x01(\x05\x12\x0e\n\x06stride\x18\x05 \x01(\x05\x12\x14\n\x0ctarget_class\x18\x06 \x01(\x05\x12\x18\n\x10has_target_class\x18\x07 \x01(\x08\x12\x12\n\nrender_png\x18\x08 \x01(\x08\x12\x18\n\x10\x61\x63tivation_stage\x18\t \x01(\t\"\xf4\x01\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\nprediction\x18\x03 \x01(\x0b\x32\x18.convserve.v1.Prediction\x12%\n\x07heatmap\x18\x04 \x01(\x0b\x32\x14.convserve.v1.Tensor\x12\x13\n\x0boverlay_png\x18\x05 \x01(\x0c\x12\x14\n\x0ctarget_class\x18\x06 \x01(\x05\x12\x16\n\x0e\x66orward_passes\x18\x07 \x01(\x03\x12)\n\x0b\x61\x63tivations\x18\x08 \x03(\x0b\x32\x14.convserve.v1.Tensor*=\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x32\xb7\x02\n\nClassifier\x12\x46\n\x07Predict\x12\x1c.convserve.v1.PredictRequest\x1a\x1d.convserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.convserve.v1.PredictRequest\x1a\x1d.convserve.v1.PredictResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.convserve.v1.ModelInfoRequest\x1a\x17.convserve.v1.ModelInfo\x12\x46\n\x07\x45xplain\x12\x1c.convserve.v1.ExplainRequest\x1a\x1d.convserve.v1.ExplainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'convserve.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1451
-  _globals['_DATATYPE']._serialized_end=1512
+  _globals['_DATATYPE']._serialized_start=1499
+  _globals['_DATATYPE']._serialized_end=1560
   _globals['_TENSOR']._serialized_start=47
   _globals['_TENSOR']._serialized_end=123
   _globals['_IMAGE']._serialized_start=125
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSSCORE']._serialized_start=325
   _globals['_CLASSSCORE']._serialized_end=388
   _globals['_PREDICTION']._serialized_start=390
-  _globals['_PREDICTION']._serialized_end=445
-  _globals['_PREDICTRESPONSE']._serialized_start=447
-  _globals['_PREDICTRESPONSE']._serialized_end=563
-  _globals['_MODELINFOREQUEST']._serialized_start=565
-  _globals['_MODELINFOREQUEST']._serialized_end=615
-  _globals['_INPUTSPEC']._serialized_start=618
-  _globals['_INPUTSPEC']._serialized_end=747
-  _globals['_MODELINFO']._serialized_start=750
-  _globals['_MODELINFO']._serialized_end=985
-  _globals['_EXPLAINREQUEST']._serialized_start=988
-  _globals['_EXPLAINREQUEST']._serialized_end=1202
-  _globals['_EXPLAINRESPONSE']._serialized_start=1205
-  _globals['_EXPLAINRESPONSE']._serialized_end=1449
-  _globals['_CLASSIFIER']._serialized_start=1515
-  _globals['_CLASSIFIER']._serialized_end=1826
+  _globals['_PREDICTION']._serialized_end=493
+  _globals['_PREDICTRESPONSE']._serialized_start=495
+  _globals['_PREDICTRESPONSE']._serialized_end=611
+  _globals['_MODELINFOREQUEST']._serialized_start=613
+  _globals['_MODELINFOREQUEST']._serialized_end=663
+  _globals['_INPUTSPEC']._serialized_start=666
+  _globals['_INPUTSPEC']._serialized_end=795
+  _globals['_MODELINFO']._serialized_start=798
+  _globals['_MODELINFO']._serialized_end=1033
+  _globals['_EXPLAINREQUEST']._serialized_start=1036
+  _globals['_EXPLAINREQUEST']._serialized_end=1250
+  _globals['_EXPLAINRESPONSE']._serialized_start=1253
+  _globals['_EXPLAINRESPONSE']._serialized_end=1497
+  _globals['_CLASSIFIER']._serialized_start=1563
+  _globals['_CLASSIFIER']._serialized_end=1874
 # @@protoc_insertion_point(module_scope)

@@ -59,10 +59,14 @@ class ClassScore(_message.Message):
     def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("classes",)
+    __slots__ = ("classes", "ood_score", "out_of_distribution")
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     classes: _containers.RepeatedCompositeFieldContainer[ClassScore]
-    def __init__(self, classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
+    ood_score: float
+    out_of_distribution: bool
+    def __init__(self, classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., ood_score: _Optional[float] = ..., out_of_distribution: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "version", "predictions", "request_id")
