@@ -68,6 +68,20 @@ def model_repository(fashion_run, tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.fixture(scope="session")
+def fashion_test():
+    """The Fashion-MNIST test set (10,000 images)."""
+    from trainer.data import load_dataset
+
+    return load_dataset("fashion-mnist").test
+
+
+@pytest.fixture(scope="session")
+def version_dir(model_repository) -> Path:
+    """`model_repository`'s fashion-mnist/1."""
+    return model_repository / "fashion-mnist" / "1"
+
+
 TRITON_VENV = ROOT / ".venv-tritonclient"
 TRITON_STAMP = TRITON_VENV / ".installed-grpc-http"  # the Makefile's stamp: keep them equal
 TRITON_PACKAGES = ("tritonclient[grpc,http]==2.73.0", "numpy")

@@ -160,7 +160,13 @@ def test_health_and_metadata_say_what_grpc_says(server):
     meta = call(server.url, "GET", f"/v2/models/{MODEL}").json()
     assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
-    assert [o["name"] for o in meta["outputs"]] == ["logits", "probabilities"]
+    # the graph's two outputs, then the server's own (answered when named: test_monitor.py)
+    assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
+        ("logits", "FP32", [-1, 10]),
+        ("probabilities", "FP32", [-1, 10]),
+        ("ood_score", "FP32", [-1, 1]),
+        ("ood_flagged", "BOOL", [-1, 1]),
+    ]
     assert call(server.url, "GET", f"/v2/models/{MODEL}/versions/1").json() == meta
     assert call(server.url, "GET", f"/v2/models/{MODEL}/versions/1/ready").status == 200
     not_ready = call(server.url, "GET", f"/v2/models/{MODEL}/versions/7/ready")

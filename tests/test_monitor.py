@@ -35,19 +35,8 @@ from serving.proto.inference import grpc_predict_v2_pb2 as v2
 from serving.proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from tests.inprocess import InProcessServer, serving
 from tests.serving_helpers import Prometheus, free_port, wait_for
-from trainer.data import load_dataset
 
 MODEL = "fashion-mnist"
-
-
-@pytest.fixture(scope="module")
-def fashion_test():
-    return load_dataset("fashion-mnist").test
-
-
-@pytest.fixture(scope="module")
-def version_dir(model_repository) -> Path:
-    return model_repository / MODEL / "1"
 
 
 @pytest.fixture(scope="module")
