@@ -28,6 +28,8 @@ occluded variants are never observed: they are not production traffic.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,14 +79,40 @@ def percentiles(values: np.ndarray, classes: np.ndarray, tables: np.ndarray) -> 
     rows = tables[classes]  # (N, Q)
     qn = rows.shape[1]
     below = (rows < values[:, None]).sum(axis=1)  # quantiles under the value: 0..Q
-    lo, hi = np.clip(below - 1, 0, qn - 1), np.clip(below, 0, qn - 1)
+    lo, hi = np.maximum(below - 1, 0), np.minimum(below, qn - 1)
     r = np.arange(len(values))
-    x0, x1 = rows[r, lo], rows[r, hi]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(x1 > x0, (values - x0) / (x1 - x0), 1.0)
-    p = (lo + np.clip(frac, 0.0, 1.0)) / (qn - 1)
-    p = np.where(below == 0, 0.0, np.where(below == qn, 1.0, p))
-    return np.where(np.isnan(rows[:, 0]), 1.0, p)
+    x0 = rows[r, lo]
+    span = rows[r, hi] - x0
+    frac = np.divide(values - x0, span, out=np.ones_like(span), where=span > 0)
+    p = (lo + np.clip(frac, 0.0, 1.0, out=frac)) / (qn - 1)
+    p[below == 0] = 0.0
+    p[below == qn] = 1.0
+    p[np.isnan(rows[:, 0])] = 1.0
+    return p
+
+
+def _percentile(value: float, row: list[float] | None) -> float:
+    """`percentiles` of one value among one class's quantiles (None: an empty table), in
+    plain Python: a single-image request's score costs a few microseconds this way, where
+    numpy's per-call overhead makes it tens."""
+    if row is None:
+        return 1.0
+    below = bisect_left(row, value)  # quantiles under the value
+    if below == 0:
+        return 0.0
+    if below == len(row):
+        return 1.0
+    x0, x1 = row[below - 1], row[below]
+    frac = (value - x0) / (x1 - x0) if x1 > x0 else 1.0
+    return (below - 1 + min(max(frac, 0.0), 1.0)) / (len(row) - 1)
+
+
+def ood_score_one(logits: list[float], answer: int, energy_rows: list, norm_rows: list) -> float:
+    """`ood_scores` of one image (its logits as a list, the index of its top class)."""
+    top = max(logits)
+    e = -(top + math.log(sum(math.exp(x - top) for x in logits)))
+    n = math.sqrt(sum(x * x for x in logits))
+    return max(_percentile(e, energy_rows[answer]), 1.0 - _percentile(n, norm_rows[answer]))
 
 
 def ood_scores(out: np.ndarray, energy_q: np.ndarray, norm_q: np.ndarray) -> np.ndarray:
@@ -99,8 +127,9 @@ def ood_scores(out: np.ndarray, energy_q: np.ndarray, norm_q: np.ndarray) -> np.
 
 def mean_intensity(images: np.ndarray) -> np.ndarray:
     """Each uint8 (N, C, H, W) image's mean pixel value, in 0..1."""
-    n = len(images)
-    return images.reshape(n, -1).mean(axis=1) / 255.0
+    flat = images.reshape(len(images), -1)
+    # an integer sum: 2.5x faster than mean()'s float conversion of every pixel
+    return flat.sum(axis=1, dtype=np.uint64) / (255.0 * flat.shape[1])
 
 
 def bucket_counts(values: np.ndarray, bounds: tuple[float, ...]) -> np.ndarray:
@@ -203,6 +232,10 @@ class Monitor:
         known = m is not None and m.ood_score == OOD_SCORE
         self.tables = tables(m) if known else None
         self.threshold = m.ood_threshold if known else None
+        # the same tables as lists, None for an empty row (ood_score_one)
+        self._rows = tuple(
+            [None if np.isnan(r[0]) else r.tolist() for r in t] for t in self.tables or ()
+        )
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
         self._counts = self._empty()
@@ -223,6 +256,11 @@ class Monitor:
         if self.tables is None:
             scores = np.zeros(len(out))
             flagged = np.zeros(len(out), dtype=bool)
+        elif len(out) == 1:  # the common case, in plain Python (ood_score_one)
+            probs = out[0, 1].tolist()
+            score = ood_score_one(out[0, 0].tolist(), probs.index(max(probs)), *self._rows)
+            scores = np.array([score])
+            flagged = np.array([score > self.threshold])
         else:
             scores = ood_scores(out, *self.tables)
             flagged = scores > self.threshold
