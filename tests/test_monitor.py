@@ -113,6 +113,17 @@ def test_percentiles_place_a_value_among_its_own_classs_test_values():
     np.testing.assert_allclose(got, [0.0, 0.0, 0.25, 0.5, 1.0, 1.0, 1.0])
 
 
+def test_a_single_image_scores_in_plain_python_as_a_batch_does_in_numpy(manifest):
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 4, (300, 10)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    out = np.stack([logits, probs], axis=1)
+    watch = monitor.Monitor(manifest)
+    image = np.zeros((1, 1, 28, 28), dtype=np.uint8)
+    one = [watch.observe(image, out[i : i + 1])[0][0] for i in range(len(out))]
+    np.testing.assert_allclose(one, watch.observe(np.repeat(image, 300, 0), out)[0], atol=1e-12)
+
+
 def test_manifest_monitoring_round_trips_and_a_bad_field_is_named(manifest):
     doc = manifest.to_dict()
     assert Manifest.from_dict(json.loads(json.dumps(doc))).monitoring == manifest.monitoring
