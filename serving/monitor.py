@@ -5,9 +5,9 @@ do, each measured the same way on the test set by the exporter (`profile`, writt
 manifest's `monitoring`) and on every served image here (`Monitor`):
 
 - the predicted class: its distribution over a window, compared with the test set's by the
-  population stability index (PSI, `psi`; the recording rule
-  `model_version:convserve_prediction_drift:psi_rate1h` computes the same from the summed
-  per-class counters, so any number of workers combine);
+  population stability index (PSI), which the recording rule
+  `job_model_version:convserve_prediction_drift:psi_rate30m` computes from the summed
+  per-class counters, so any number of workers combine;
 - the top-1 probability, and the image's mean pixel intensity (0..1), as histograms over
   the contract's buckets;
 - an out-of-distribution score per image, from the model's own logits: among the test images
@@ -44,7 +44,6 @@ from serving.contract import (
 
 OOD_FALSE_POSITIVE_RATE = 0.05  # the share of test images above the flag threshold
 QUANTILES = 101  # points of each class's quantile tables in the manifest (every 1%)
-PSI_FLOOR = 1e-4  # a class share below this counts as this (PSI's log needs > 0)
 # Images a Monitor keeps for counting before it counts them on the request path (their
 # rows and outputs: ~50 MB at 28x28x1 and 10 classes).
 MAX_PENDING_ROWS = 65_536
@@ -144,15 +143,6 @@ def shares(counts: np.ndarray) -> np.ndarray:
     return counts / total if total else np.zeros(len(counts))
 
 
-def psi(served: np.ndarray, reference: np.ndarray, floor: float = PSI_FLOOR) -> float:
-    """Population stability index of the served class shares against the reference's:
-    sum (p - q) ln(p / q), shares floored at `floor`. 0: the same distribution; above 0.2
-    is the customary "significant shift" (the alert's threshold)."""
-    p = np.maximum(np.asarray(served, dtype=np.float64), floor)
-    q = np.maximum(np.asarray(reference, dtype=np.float64), floor)
-    return float(((p - q) * np.log(p / q)).sum())
-
-
 def profile(
     logits: np.ndarray,
     probabilities: np.ndarray,
@@ -226,7 +216,6 @@ class Monitor:
     def __init__(self, manifest: Manifest):
         self.num_classes = manifest.num_classes
         m = manifest.monitoring
-        self.reference = m
         # Scores need the test set's tables: without them (a manifest from an older exporter,
         # or another score) every score is 0 and nothing is flagged.
         known = m is not None and m.ood_score == OOD_SCORE
