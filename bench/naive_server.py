@@ -6,9 +6,10 @@ loop thread, no batching, no validation beyond numpy's own. For fairness its ONN
 session uses the same options as convserve's (threads, spinning, optimisation level).
 
 `--empty`: the same servicer with nothing behind it: Predict answers a prebuilt response of
-the right size without looking at the images. It measures what grpc.aio itself costs per
-request (the floor for any Python gRPC server), so concurrency-1 latency can be reported as
-overhead above it.
+the right size (a top-1 prediction per image) without looking at the images. It measures
+what grpc.aio itself costs per request (the floor for any Python gRPC server), so
+concurrency-1 latency can be reported as overhead above it, and a 32-image request's CPU
+against the transport's own.
 
     python bench/naive_server.py --model models/fashion-mnist/1/model.onnx --port 50061
     python bench/naive_server.py --model models/fashion-mnist/1/model.onnx --port 50062 --empty
@@ -72,17 +73,25 @@ class Naive(pb_grpc.ClassifierServicer):
 
 
 class Empty(Naive):
-    """No model run: a prebuilt one-image answer (the size of a real one)."""
+    """No model run: a prebuilt answer with one prediction per image of the request (the
+    size of a real top-1 answer), so a 32-image request prices the transport of its size."""
 
     def __init__(self, model: Path):
         super().__init__(model)
-        score = pb.ClassScore(index=9, label=self.labels[9], probability=0.9921875)
-        self.answer = pb.PredictResponse(
-            model=self.name, version=self.version, predictions=[pb.Prediction(classes=[score])]
-        )
+        self.answers: dict[int, pb.PredictResponse] = {}
 
     async def Predict(self, request, context):
-        return self.answer
+        n = len(request.images)
+        answer = self.answers.get(n)
+        if answer is None:
+            score = pb.ClassScore(index=9, label=self.labels[9], probability=0.9921875)
+            answer = pb.PredictResponse(
+                model=self.name,
+                version=self.version,
+                predictions=[pb.Prediction(classes=[score]) for _ in range(n)],
+            )
+            self.answers[n] = answer
+        return answer
 
 
 async def serve(servicer: pb_grpc.ClassifierServicer, host: str, port: int) -> None:

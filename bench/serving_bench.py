@@ -421,6 +421,9 @@ def systems(model: Path, port: int, mport: int, skip_triton: bool) -> list[Syste
         str(mport),
         "--poll-interval",
         "0",
+        # Each server its own HTTP port (on by default, 8080 for all of them otherwise).
+        "--http-port",
+        str(free_port()),
     ]
     naive = [py, "bench/naive_server.py", "--model", str(model), "--port", str(port)]
     out = [

@@ -10,8 +10,14 @@ back:
 - concurrency 1: the ORT batch-1 ceiling, the empty grpc.aio server (on asyncio's loop and
   on uvloop), the naive server and convserve (1 and 2 workers), the ceiling again;
 - concurrency 64: the naive server, Triton's core and convserve (1 and 2 workers);
-- 32-image requests and streams (4 requests of 32 images on each of 8 streams) from
-  convserve, each between two batch-32 ceilings.
+- 32-image requests and streams (4 requests of 32 images on each of 8 streams) from the
+  naive server and convserve, each between two batch-32 ceilings; around the group, the
+  ceiling as the 2-worker server lays its threads out (two sessions of one intra-op thread
+  each, run at once from two threads: what 2 workers can do at most on 2 cores).
+
+With `--before DIR` (a checkout of an earlier commit, e.g. `git worktree add DIR <commit>`),
+convserve from DIR joins every group under its own names ("... (before)"), so a change is
+measured against its baseline in the same rounds; the report adds a before/after table.
 
 The order within a group turns each round. A target's figure is the median over rounds of
 that round's ratio (or overhead), given with the rounds' range and how many rounds met it.
@@ -19,6 +25,7 @@ Every run is bracketed by correctness passes like bench-serving's, and h2load's 
 bytes are checked.
 
     python bench/serving_targets.py [--rounds 5] [--duration 4] [--model-repository DIR]
+        [--before DIR] [--groups c1,c64,bulk]
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import argparse
 import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,9 +52,14 @@ import h2grpc  # noqa: E402
 import serving_bench as sb  # noqa: E402
 from serving_report import EMPTY, EMPTY_UV, NAIVE, TRITON  # noqa: E402
 
+from serving.runtime import session_options  # noqa: E402
+from serving.settings import ServerSettings  # noqa: E402
+
 ONE = "convserve"
 TWO = "convserve, 2 workers"
 OURS = (ONE, TWO)
+BEFORE = " (before)"  # the suffix of a --before system's name
+GROUPS = ("c1", "c64", "bulk")
 C1, C64 = sb.SINGLE[0], sb.SINGLE[-1]
 BULK32, STREAM = sb.BULK
 CEILING_S = 1.5  # seconds of in-process ORT per ceiling measurement
@@ -55,6 +69,39 @@ def ceiling(model: Path, images: np.ndarray, batch: int) -> float:
     """ms per run at batch 1, or images/s at batch 32: the figure the targets compare with."""
     c = sb.ort_ceiling(model, images, CEILING_S, (batch,))[str(batch)]
     return c["ms_per_run_p50"] if batch == 1 else c["images_per_s"]
+
+
+def layout_ceiling(model: Path, images: np.ndarray, sessions: int = 2, batch: int = 32) -> float:
+    """images/s of `sessions` ORT sessions of one intra-op thread each, run at once from as
+    many threads at `batch`: the ceiling as `sessions` workers on as many cores lay their
+    threads out (a one-thread run spends less CPU per image than a two-thread one)."""
+    opts = session_options(ServerSettings(device="cpu", intra_op_threads=1).runtime)
+    made = [
+        ort.InferenceSession(str(model), opts, ["CPUExecutionProvider"]) for _ in range(sessions)
+    ]
+    x = images[:batch]
+    for sess in made:
+        for _ in range(10):
+            sess.run(["probabilities"], {"images": x})
+    counts = [0] * sessions
+    start = threading.Barrier(sessions + 1)
+    end = [0.0]
+
+    def drive(i: int) -> None:
+        start.wait()
+        while time.perf_counter() < end[0]:
+            made[i].run(["probabilities"], {"images": x})
+            counts[i] += 1
+
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(sessions)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    end[0] = t0 + CEILING_S
+    start.wait()
+    for t in threads:
+        t.join()
+    return batch * sum(counts) / (time.perf_counter() - t0)
 
 
 def summary(values: list[float], met: list[bool]) -> dict[str, Any]:
@@ -69,9 +116,9 @@ def summary(values: list[float], met: list[bool]) -> dict[str, Any]:
 
 def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-round ratios and overheads, and each target's verdict on their median."""
-    out = []
+    out: list[dict[str, Any]] = []
     for peer, need, goal in ((TRITON, 1.2, 1.5), (NAIVE, 1.1, None)):
-        if not all(peer in r["c64"] for r in rounds):
+        if not all(peer in r["c64"] and ONE in r["c64"] for r in rounds):
             continue
         per = {
             ours: [
@@ -94,6 +141,8 @@ def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     for key, sc in (("bulk32", BULK32), ("stream", STREAM)):
+        if not all(ONE in r[key] for r in rounds):
+            continue
         per = {ours: [r[key][ours]["x_ceiling"] for r in rounds] for ours in OURS}
         best = max(OURS, key=lambda s: statistics.median(per[s]))
         s = summary(per[best], [v >= 0.95 for v in per[best]])
@@ -107,6 +156,36 @@ def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "met": s["median"] >= 0.95,
             }
         )
+        per = {
+            ours: [r[key][ours]["images_per_s"] / r[key][NAIVE]["images_per_s"] for r in rounds]
+            for ours in OURS
+        }
+        best = max(OURS, key=lambda s: statistics.median(per[s]))
+        s = summary(per[best], [v >= 1.0 for v in per[best]])
+        out.append(
+            {
+                "target": f"{sc.name}: >= the naive server's images/s in the same round",
+                "system": best,
+                **s,
+                "unit": "x naive",
+                "others": {k: summary(v, [x >= 1.0 for x in v]) for k, v in per.items()},
+                "met": s["median"] >= 1.0,
+            }
+        )
+        layout = [r[key][TWO]["x_layout_ceiling"] for r in rounds]
+        s = summary(layout, [v >= 0.95 for v in layout])
+        out.append(
+            {
+                "target": f"(yardstick) {sc.name}: >= 95% of the ceiling as 2 workers lay "
+                "their threads out (2 sessions x 1 thread, batch 32)",
+                "system": TWO,
+                **s,
+                "unit": "x layout ceiling",
+                "met": s["median"] >= 0.95,
+            }
+        )
+    if not all(ONE in r["c1"] for r in rounds):
+        return out
     per = {ours: [r["c1"][ours]["overhead_ms"] for r in rounds] for ours in OURS}
     best = min(OURS, key=lambda s: statistics.median(per[s]))
     s = summary(per[best], [v <= 0.3 for v in per[best]])
@@ -138,6 +217,44 @@ def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# What the before/after table compares: (row, group, field, systems).
+COMPARED = (
+    ("c1 p50 ms over compute", "c1", "overhead_ms", (ONE,)),
+    ("c64 requests/s", "c64", "requests_per_s", OURS),
+    ("c64 server CPU ms per request", "c64", "server_cpu_ms", OURS),
+    ("32 images, x ceiling", "bulk32", "x_ceiling", OURS),
+    ("32 images, server CPU ms per request", "bulk32", "server_cpu_ms", OURS),
+    ("stream, x ceiling", "stream", "x_ceiling", OURS),
+    ("stream, server CPU ms per request", "stream", "server_cpu_ms", OURS),
+)
+
+
+def before_after(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each compared figure's median before and after, and the median of the rounds'
+    after/before ratios (the two were measured minutes apart at most, in turn)."""
+    rows = []
+    for label, group, key, systems in COMPARED:
+        for name in systems:
+            old = name + BEFORE
+            have = [r[group] for r in rounds if name in r[group] and old in r[group]]
+            if len(have) != len(rounds) or not have:
+                continue
+            a = [g[old][key] for g in have]
+            b = [g[name][key] for g in have]
+            rows.append(
+                {
+                    "figure": label,
+                    "system": name,
+                    "before": summary(a, [True] * len(a)),
+                    "after": summary(b, [True] * len(b)),
+                    "after_over_before": summary(
+                        [y / x for x, y in zip(a, b, strict=True)], [True] * len(a)
+                    ),
+                }
+            )
+    return rows
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"Interleaved targets: {len(doc['rounds'])} rounds, {doc['method']['duration_s']:g} s "
@@ -154,40 +271,102 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {t['target']} | {t['system']} | {t['median']:.3f} {t['unit']} "
             f"| {t['min']:.3f}-{t['max']:.3f} | {t['rounds_met']}/{len(t['rounds'])} | {met} |"
         )
+    if doc.get("before_after"):
+        lines += [
+            "",
+            f"Before ({doc['before']['commit']}) and after, in the same rounds: medians "
+            "(range), and the median of the rounds' after/before ratios.",
+            "",
+            "| figure | system | before | after | after / before |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for row in doc["before_after"]:
+            a, b, q = row["before"], row["after"], row["after_over_before"]
+            lines.append(
+                f"| {row['figure']} | {row['system']} | {a['median']:.3f} ({a['min']:.3f}-"
+                f"{a['max']:.3f}) | {b['median']:.3f} ({b['min']:.3f}-{b['max']:.3f}) "
+                f"| {q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f}) |"
+            )
     lines += ["", "Per round (each row measured back to back):", ""]
-    lines += [
-        "| round | ORT batch 1 ms | c1 p50 ms: empty / empty on uvloop / naive / convserve / "
-        "2 workers "
-        "| c1 ms over compute: naive / convserve / convserve above the uvloop floor "
-        "| c64 req/s: naive / Triton / convserve / "
-        "2 workers | 32 images x ceiling: 1 / 2 workers | stream x ceiling: 1 / 2 workers |",
-        "|---:|---:|---|---|---|---|---|",
-    ]
-    for i, r in enumerate(doc["rounds"], 1):
-        c1, c64 = r["c1"], r["c64"]
-        p50 = " / ".join(f"{c1[s]['p50_ms']:.3f}" for s in (EMPTY, EMPTY_UV, NAIVE, ONE, TWO))
-        over = " / ".join(f"{c1[s]['overhead_ms']:.3f}" for s in (NAIVE, ONE))
-        over += f" / {c1[ONE]['overhead_uvloop_ms']:.3f}"
-        rps = " / ".join(
-            f"{c64[s]['requests_per_s']:.0f}" if s in c64 else "-"
-            for s in (NAIVE, TRITON, ONE, TWO)
-        )
-        bulk = " / ".join(f"{r['bulk32'][s]['x_ceiling']:.3f}" for s in OURS)
-        stream = " / ".join(f"{r['stream'][s]['x_ceiling']:.3f}" for s in OURS)
-        lines.append(
-            f"| {i} | {c1['compute_ms']:.3f} | {p50} | {over} | {rps} | {bulk} | {stream} |"
-        )
+    rounds = doc["rounds"]
+    if all(ONE in r["c1"] for r in rounds):
+        lines += [
+            "| round | ORT batch 1 ms | c1 p50 ms: empty / empty on uvloop / naive / "
+            "convserve / 2 workers | c1 ms over compute: naive / convserve / convserve above "
+            "the uvloop floor |",
+            "|---:|---:|---|---|",
+        ]
+        for i, r in enumerate(rounds, 1):
+            c1 = r["c1"]
+            p50 = " / ".join(f"{c1[s]['p50_ms']:.3f}" for s in (EMPTY, EMPTY_UV, NAIVE, ONE, TWO))
+            over = " / ".join(f"{c1[s]['overhead_ms']:.3f}" for s in (NAIVE, ONE))
+            over += f" / {c1[ONE]['overhead_uvloop_ms']:.3f}"
+            lines.append(f"| {i} | {c1['compute_ms']:.3f} | {p50} | {over} |")
+        lines.append("")
+    if all(ONE in r["c64"] for r in rounds):
+        lines += ["| round | c64 req/s: naive / Triton / convserve / 2 workers |", "|---:|---|"]
+        for i, r in enumerate(rounds, 1):
+            c64 = r["c64"]
+            rps = " / ".join(
+                f"{c64[s]['requests_per_s']:.0f}" if s in c64 else "-"
+                for s in (NAIVE, TRITON, ONE, TWO)
+            )
+            lines.append(f"| {i} | {rps} |")
+        lines.append("")
+    if all(ONE in r["bulk32"] for r in rounds):
+        lines += [
+            "| round | ceiling img/s: batch 32 / 2 x 1 thread | 32 images img/s: naive / 1 / "
+            "2 workers | x ceiling: naive / 1 / 2 workers | server CPU ms per request: naive "
+            "/ 1 / 2 workers | h2load cores: naive / 1 / 2 workers | stream x ceiling: naive "
+            "/ 1 / 2 workers | stream server CPU ms per request: naive / 1 / 2 workers |",
+            "|---:|---|---|---|---|---|---|---|",
+        ]
+        three = (NAIVE, ONE, TWO)
+        for i, r in enumerate(rounds, 1):
+            b, st = r["bulk32"], r["stream"]
+
+            def cells(g: dict[str, Any], key: str, fmt: str) -> str:
+                return " / ".join(format(g[s][key], fmt) for s in three)
+
+            lines.append(
+                f"| {i} | {b['ceiling_images_per_s']:.0f} / {b['layout_ceiling_images_per_s']:.0f} "
+                f"| {cells(b, 'images_per_s', '.0f')} | {cells(b, 'x_ceiling', '.3f')} "
+                f"| {cells(b, 'server_cpu_ms', '.2f')} | {cells(b, 'client_cpu_cores', '.2f')} "
+                f"| {cells(st, 'x_ceiling', '.3f')} | {cells(st, 'server_cpu_ms', '.2f')} |"
+            )
+        lines.append("")
     idle = max((run["idle_others_cpu_cores"] for run in doc["runs"]), default=0.0)
-    c1 = next(t for t in doc["targets"] if "naive_overhead_ms" in t)
-    naive = c1["naive_overhead_ms"]
-    lines += [
-        "",
-        f"The naive server's concurrency-1 overhead, measured the same way: median "
-        f"{naive['median']:.3f} ms ({naive['min']:.3f}-{naive['max']:.3f}; within 0.3 ms in "
-        f"{naive['rounds_met']}/{len(naive['rounds'])} rounds). The idle systems used at most "
-        f"{idle:.3f} cores between them during any run.",
-    ]
+    c1t = next((t for t in doc["targets"] if "naive_overhead_ms" in t), None)
+    if c1t is not None:
+        naive = c1t["naive_overhead_ms"]
+        lines.append(
+            f"The naive server's concurrency-1 overhead, measured the same way: median "
+            f"{naive['median']:.3f} ms ({naive['min']:.3f}-{naive['max']:.3f}; within 0.3 ms "
+            f"in {naive['rounds_met']}/{len(naive['rounds'])} rounds)."
+        )
+    lines.append(f"The idle systems used at most {idle:.3f} cores between them during any run.")
     return "\n".join(lines) + "\n"
+
+
+def before_systems(model: Path, before: Path, skip_triton: bool) -> dict[str, tuple[Any, int]]:
+    """convserve (1 and 2 workers) as the checkout at `before` serves it, on ports of its own."""
+    if not (before / "serving" / "main.py").is_file():
+        raise SystemExit(f"--before {before}: not a convserve checkout (no serving/main.py)")
+    out = {}
+    for name in OURS:
+        port, mport = sb.free_port(), sb.free_port()
+        for s in sb.systems(model, port, mport, skip_triton=True):
+            if s.name == name:
+                s.name, s.cwd = name + BEFORE, before.resolve()
+                out[s.name] = (s, port)
+    return out
+
+
+def git_commit(where: Path) -> str:
+    r = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True
+    )
+    return r.stdout.strip() or "unknown"
 
 
 def main() -> int:
@@ -199,7 +378,20 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=4.0, help="seconds measured per run")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up load per run")
     p.add_argument("--skip-triton", action="store_true")
+    p.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of an earlier commit: its convserve joins every group",
+    )
+    p.add_argument(
+        "--groups",
+        default=",".join(GROUPS),
+        help=f"comma-separated, of {','.join(GROUPS)} (a partial run judges only its targets)",
+    )
     args = p.parse_args()
+    groups = set(args.groups.split(","))
+    if not groups or not groups <= set(GROUPS):
+        raise SystemExit(f"--groups: choose from {','.join(GROUPS)}")
     if h2grpc.available() is None:
         raise SystemExit("h2load is missing: apt-get install nghttp2-client")
     t_start = time.monotonic()
@@ -211,7 +403,11 @@ def main() -> int:
     expected = sess.run(["probabilities"], {"images": images[:1024]})[0]
     del sess
     info = sb.machine()
-    wanted = (EMPTY, EMPTY_UV, NAIVE, TRITON, ONE, TWO)
+    wanted = [NAIVE, ONE, TWO]
+    if "c1" in groups:
+        wanted += [EMPTY, EMPTY_UV]
+    if "c64" in groups and not args.skip_triton:
+        wanted.append(TRITON)
     # Each system on ports of its own, built by bench-serving's own table.
     chosen: dict[str, tuple[sb.System, int]] = {}
     for name in wanted:
@@ -219,6 +415,10 @@ def main() -> int:
         for s in sb.systems(model, port, mport, args.skip_triton):
             if s.name == name:
                 chosen[name] = (s, port)
+    ours = list(OURS)
+    if args.before:
+        chosen.update(before_systems(model, args.before, args.skip_triton))
+        ours += [n + BEFORE for n in OURS]
     runs: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmpdir, contextlib.ExitStack() as stack:
@@ -246,12 +446,19 @@ def main() -> int:
             runs.append(r)
             lat = r["latency_ms"]
             print(
-                f"  {sc.name:<34} {name:<22} {r['requests_per_s']:>8.1f} req/s "
+                f"  {sc.name:<34} {name:<33} {r['requests_per_s']:>8.1f} req/s "
                 f"{r['images_per_s']:>8.1f} img/s p50 {lat['p50']:.3f} ms "
-                f"(idle others {r['idle_others_cpu_cores']:.3f} cores)",
+                f"cpu {r['server_cpu_ms_per_request']:.2f} ms/req h2load "
+                f"{r['client_cpu_cores']:.2f} cores (idle others {r['idle_others_cpu_cores']:.3f})",
                 flush=True,
             )
             return r
+
+        def costs(r: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "server_cpu_ms": r["server_cpu_ms_per_request"],
+                "client_cpu_cores": r["client_cpu_cores"],
+            }
 
         for i in range(args.rounds):
             print(f"== round {i + 1}/{args.rounds}", flush=True)
@@ -261,35 +468,50 @@ def main() -> int:
                 return names[k:] + names[:k]
 
             rnd: dict[str, Any] = {"c1": {}, "c64": {}, "bulk32": {}, "stream": {}}
-            before = ceiling(model, images, 1)
-            c1 = {n: run(n, C1) for n in turn([EMPTY, EMPTY_UV, NAIVE, ONE, TWO])}
-            compute = (before + ceiling(model, images, 1)) / 2
-            rnd["c1"]["compute_ms"] = round(compute, 4)
-            for n, r in c1.items():
-                p50 = r["latency_ms"]["p50"]
-                rnd["c1"][n] = {
-                    "p50_ms": p50,
-                    # DESIGN: above the empty grpc.aio server (asyncio's loop, what an
-                    # afternoon's server runs on); and, stricter, above the same server on
-                    # uvloop, the loop cnn-serve runs on.
-                    "overhead_ms": round(p50 - c1[EMPTY]["latency_ms"]["p50"] - compute, 4),
-                    "overhead_uvloop_ms": round(
-                        p50 - c1[EMPTY_UV]["latency_ms"]["p50"] - compute, 4
-                    ),
-                }
-            for n in turn([x for x in (NAIVE, TRITON, ONE, TWO) if x in chosen]):
-                rnd["c64"][n] = {"requests_per_s": run(n, C64)["requests_per_s"]}
-            top = ceiling(model, images, 32)
-            for key, sc in (("bulk32", BULK32), ("stream", STREAM)):
-                for n in turn(list(OURS)):
-                    got = run(n, sc)["images_per_s"]
-                    after = ceiling(model, images, 32)
-                    rnd[key][n] = {
-                        "images_per_s": got,
-                        "ceiling_images_per_s": round((top + after) / 2, 1),
-                        "x_ceiling": round(got / ((top + after) / 2), 4),
+            if "c1" in groups:
+                before = ceiling(model, images, 1)
+                c1 = {n: run(n, C1) for n in turn([EMPTY, EMPTY_UV, NAIVE, *ours])}
+                compute = (before + ceiling(model, images, 1)) / 2
+                rnd["c1"]["compute_ms"] = round(compute, 4)
+                for n, r in c1.items():
+                    p50 = r["latency_ms"]["p50"]
+                    rnd["c1"][n] = {
+                        "p50_ms": p50,
+                        # DESIGN: above the empty grpc.aio server (asyncio's loop, what an
+                        # afternoon's server runs on); and, stricter, above the same server on
+                        # uvloop, the loop cnn-serve runs on.
+                        "overhead_ms": round(p50 - c1[EMPTY]["latency_ms"]["p50"] - compute, 4),
+                        "overhead_uvloop_ms": round(
+                            p50 - c1[EMPTY_UV]["latency_ms"]["p50"] - compute, 4
+                        ),
                     }
-                    top = after
+            if "c64" in groups:
+                for n in turn([x for x in (NAIVE, TRITON, *ours) if x in chosen]):
+                    r = run(n, C64)
+                    rnd["c64"][n] = {"requests_per_s": r["requests_per_s"], **costs(r)}
+            if "bulk" in groups:
+                layout = layout_ceiling(model, images)
+                top = ceiling(model, images, 32)
+                for key, sc in (("bulk32", BULK32), ("stream", STREAM)):
+                    for n in turn([NAIVE, *ours]):
+                        r = run(n, sc)
+                        after = ceiling(model, images, 32)
+                        rnd[key][n] = {
+                            "images_per_s": r["images_per_s"],
+                            "ceiling_images_per_s": round((top + after) / 2, 1),
+                            "x_ceiling": round(r["images_per_s"] / ((top + after) / 2), 4),
+                            **costs(r),
+                        }
+                        top = after
+                layout = (layout + layout_ceiling(model, images)) / 2
+                for key in ("bulk32", "stream"):
+                    g = rnd[key]
+                    g["ceiling_images_per_s"] = round(
+                        statistics.mean(g[n]["ceiling_images_per_s"] for n in (NAIVE, *ours)), 1
+                    )
+                    g["layout_ceiling_images_per_s"] = round(layout, 1)
+                    for n in (NAIVE, *ours):
+                        g[n]["x_layout_ceiling"] = round(g[n]["images_per_s"] / layout, 4)
             rounds.append(rnd)
             print(f"  round {i + 1}: {json.dumps(rnd)}", flush=True)
     doc = {
@@ -300,13 +522,18 @@ def main() -> int:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "ceiling_s": CEILING_S,
+            "groups": sorted(groups),
             "order": "groups c1, c64, 32 images, stream; the order within a group turns "
-            "each round; each bulk run between two batch-32 ceilings",
+            "each round; each bulk run between two batch-32 ceilings, the layout ceiling "
+            "(2 sessions x 1 thread) before and after the bulk groups",
         },
         "rounds": rounds,
         "runs": runs,
         "wall_s": round(time.monotonic() - t_start, 1),
     }
+    if args.before:
+        doc["before"] = {"path": str(args.before), "commit": git_commit(args.before)}
+        doc["before_after"] = before_after(rounds)
     doc["targets"] = evaluate(rounds)
     text = markdown(doc)
     args.out_dir.mkdir(parents=True, exist_ok=True)
