@@ -6,7 +6,7 @@ One `Batcher` per loaded model version, living on the worker's asyncio loop:
   queue holds `max_queue_size` rows: memory stays bounded under any load);
 - a scheduler task takes rows from the queue head, waits at most `max_queue_delay` for
   company once it has a free instance, and launches a batch of up to `max_batch_size` rows on
-  the named ORT executor (`instances` batches may run at once);
+  the version's ORT threads (serving.lanes; `instances` batches may run at once);
 - a request larger than `max_batch_size` is split across batches and reassembled in order;
 - a request whose deadline passed, or whose caller went away (its future was cancelled),
   is dropped before compute: when its batch is assembled, and again on the ORT thread just
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull, ServingError
+from serving.lanes import Lanes
 from serving.tracing import CallTrace, current_call, record_batch
 
 log = logging.getLogger("convserve.batcher")
@@ -70,8 +70,8 @@ class BatchConfig:
 
 # An idle batcher runs a small request on the event loop itself when such runs have been
 # taking less than INLINE_MAX_S: a batch-1 run of a small CNN costs about what the hop to an
-# executor thread and back costs. Slow runs (a big model, a busy device) keep going to the
-# executor, so the loop is never blocked for long.
+# ORT thread and back costs. Slow runs (a big model, a busy device) keep going to the
+# ORT threads, so the loop is never blocked for long.
 INLINE_MAX_ROWS = 4
 INLINE_MAX_S = 0.002
 
@@ -112,14 +112,14 @@ class Batcher:
         self,
         run: RunFn,
         config: BatchConfig,
-        executor: concurrent.futures.Executor,
+        lanes: Lanes,
         observer: BatchObserver | None = None,
         name: str = "model",
         trace_attributes: Mapping[str, Any] | None = None,
     ):
         self.run = run
         self.config = config
-        self.executor = executor
+        self.lanes = lanes
         self.observer = observer or _NullObserver()
         self.name = name
         self.trace_attributes = dict(trace_attributes or {})
@@ -201,7 +201,7 @@ class Batcher:
             took = time.monotonic() - t0
         except ServingError:
             raise
-        except Exception as exc:  # as on the executor path: logged, answered as a failure
+        except Exception as exc:  # as on the threads' path: logged, answered as a failure
             log.exception("batch for %s failed", self.name)
             raise InferenceFailed(f"inference failed: {exc}") from exc
         finally:
@@ -308,8 +308,7 @@ class Batcher:
         self._active += 1
         try:
             try:
-                loop = asyncio.get_running_loop()
-                ran = loop.run_in_executor(self.executor, self._run_live, batch)
+                ran = self.lanes.call(self._run_live, batch)
                 live, late, out, started, took, assembly = await ran
             except ServingError as exc:
                 self._fail(batch, exc)

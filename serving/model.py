@@ -36,6 +36,7 @@ from serving.contract import (
     read_document,
 )
 from serving.errors import DeviceUnavailable, ModelLoadError
+from serving.lanes import Lanes
 from serving.metadata import metadata_disagreement
 from serving.monitor import Monitor
 from serving.runtime import RuntimeOptions, Session
@@ -73,7 +74,7 @@ class ModelVersion:
     document: dict[str, Any]  # manifest.json as written (GetModelInfo returns it verbatim)
     session: Session
     batcher: Batcher
-    executor: concurrent.futures.ThreadPoolExecutor
+    executor: Lanes  # the ORT threads: the batcher's, and the insight graph's
     variant_file: str
     insight: Session | None = None  # model.insight.onnx, when the version has one
     stamp: float = 0.0  # the folder's stamp when loaded: a later difference is reported
@@ -160,9 +161,7 @@ class Loader:
         observer: BatchObserver | None,
     ) -> ModelVersion:
         """The loop's part: an executor and a batcher of the version's own."""
-        executor = concurrent.futures.ThreadPoolExecutor(
-            self.batching.instances, thread_name_prefix=f"ort-{name}-{version}"
-        )
+        executor = Lanes(self.batching.instances, f"ort-{name}-{version}")
         # Triton-style statistics see every batcher observation and pass it on.
         statistics = InferenceStatistics(observer)
         batcher = Batcher(

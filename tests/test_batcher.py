@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import pytest
 
 from serving.batcher import BatchConfig, Batcher
 from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+from serving.lanes import Lanes
 from serving.settings import ServerSettings
 
 
@@ -58,7 +58,7 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 async def _with_batcher(run_fn, config, body):
-    with concurrent.futures.ThreadPoolExecutor(config.instances) as pool:
+    with Lanes(config.instances, "ort-test") as pool:
         b = Batcher(run_fn, config, pool)
         try:
             return await body(b)
@@ -220,7 +220,7 @@ def test_cancelled_expired_and_abandoned_rows_are_counted_and_expired_ones_never
         rec.gate.set()
         await until(lambda: fates.abandoned_rows == 2)
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with Lanes(1, "ort-test") as pool:
         run(_observed, rec, batching(max_batch_size=4), pool, fates, body)
     computed = {int(x.flat[0]) for x in np.concatenate(rec.batches)}
     assert computed == {1, 4, 5}
@@ -236,7 +236,7 @@ def test_a_deadline_that_passes_while_the_batch_waits_for_the_ort_thread_is_not_
     busy = threading.Event()
 
     async def body(b):
-        b.executor.submit(busy.wait, 30)  # the only ORT thread is busy until `busy` is set
+        b.lanes.submit(busy.wait, 30)  # the only ORT thread is busy until `busy` is set
         deadline = time.monotonic() + 0.03
         late = asyncio.ensure_future(b.submit(image_rows(6), deadline))
         await until(lambda: time.monotonic() > deadline)
@@ -245,7 +245,7 @@ def test_a_deadline_that_passes_while_the_batch_waits_for_the_ort_thread_is_not_
             await late
         assert np.array_equal(await b.submit(image_rows(7)), image_rows(14))
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with Lanes(1, "ort-test") as pool:
         run(_observed, rec, batching(max_batch_size=4), pool, fates, body)
     assert [int(x.flat[0]) for x in rec.batches] == [7]
     assert fates.dropped_by == {"deadline": 2}
