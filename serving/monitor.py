@@ -124,6 +124,63 @@ def ood_scores(out: np.ndarray, energy_q: np.ndarray, norm_q: np.ndarray) -> np.
     return np.maximum(high_energy, low_norm)
 
 
+class FlatTable:
+    """`percentiles` against one (K, Q) table set in one `searchsorted` over every class's
+    quantiles laid end to end: each class's table shifted by a span wider than all tables,
+    so that a value moved by its class's shift (after clipping to the tables' range) lands
+    among its own class's quantiles. No (N, Q) gather; the same results
+    (tests/test_monitor.py)."""
+
+    def __init__(self, table: np.ndarray):
+        k, q = table.shape
+        self.q = q
+        self.empty = np.isnan(table[:, 0])
+        known = table[~self.empty]
+        low = float(known.min()) if known.size else 0.0
+        high = float(known.max()) if known.size else 0.0
+        self.low, self.high = low - 1.0, high + 1.0
+        self.span = (high - low) + 4.0  # > the clipped range: no class reaches the next
+        filled = np.where(self.empty[:, None], low, table)  # any sorted row; masked later
+        self.flat = filled.reshape(-1)
+        self.shifted = (filled + (np.arange(k) * self.span)[:, None]).reshape(-1)
+        self.base = np.arange(k) * q
+
+    def __call__(self, values: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        q, flat, base = self.q, self.flat, self.base[classes]
+        clipped = np.clip(values, self.low, self.high)
+        below = np.searchsorted(self.shifted, clipped + classes * self.span) - base
+        lo = base + np.maximum(below - 1, 0)
+        x0 = flat[lo]
+        span = flat[base + np.minimum(below, q - 1)] - x0
+        frac = np.divide(values - x0, span, out=np.ones_like(span), where=span > 0)
+        p = (lo - base + np.clip(frac, 0.0, 1.0, out=frac)) / (q - 1)
+        p[below == 0] = 0.0
+        p[(below >= q) | self.empty[classes]] = 1.0
+        p[np.isnan(values) & ~self.empty[classes]] = 0.0  # NaN: above no quantile, as there
+        return p
+
+
+class Scorer:
+    """`ood_scores` for the request path: both tables in one FlatTable (the norm's classes
+    after the energy's), so a request's energies and norms take one lookup (~60 against
+    ~100 us for 32 images)."""
+
+    def __init__(self, energy_q: np.ndarray, norm_q: np.ndarray):
+        self.k = len(energy_q)
+        self.table = FlatTable(np.concatenate([energy_q, norm_q]))
+
+    def __call__(self, out: np.ndarray) -> np.ndarray:
+        x = out[:, 0].astype(np.float64)
+        n = len(x)
+        top = x.max(axis=1)
+        values = np.empty(2 * n)
+        values[:n] = -(top + np.log(np.exp(x - top[:, None]).sum(axis=1)))  # energy
+        values[n:] = np.sqrt(np.einsum("ij,ij->i", x, x))  # logit norm
+        answer = out[:, 1].argmax(axis=1)
+        p = self.table(values, np.concatenate([answer, answer + self.k]))
+        return np.maximum(p[:n], 1.0 - p[n:])
+
+
 def mean_intensity(images: np.ndarray) -> np.ndarray:
     """Each uint8 (N, C, H, W) image's mean pixel value, in 0..1."""
     flat = images.reshape(len(images), -1)
@@ -220,6 +277,7 @@ class Monitor:
         # or another score) every score is 0 and nothing is flagged.
         known = m is not None and m.ood_score == OOD_SCORE
         self.tables = tables(m) if known else None
+        self._scorer = Scorer(*self.tables) if self.tables is not None else None
         self.threshold = m.ood_threshold if known else None
         # the same tables as lists, None for an empty row (ood_score_one)
         self._rows = tuple(
@@ -251,7 +309,8 @@ class Monitor:
             scores = np.array([score])
             flagged = np.array([score > self.threshold])
         else:
-            scores = ood_scores(out, *self.tables)
+            assert self._scorer is not None
+            scores = self._scorer(out)
             flagged = scores > self.threshold
         self._pending.append((images, out, flagged))
         self._pending_rows += len(images)

@@ -113,6 +113,40 @@ def test_percentiles_place_a_value_among_its_own_classs_test_values():
     np.testing.assert_allclose(got, [0.0, 0.0, 0.25, 0.5, 1.0, 1.0, 1.0])
 
 
+def test_the_request_paths_flat_lookup_equals_percentiles_on_every_case():
+    """FlatTable (one searchsorted over shifted tables) against percentiles: values on
+    quantiles, between them, beyond both ends, on a flat stretch, NaN, an empty class."""
+    rng = np.random.default_rng(3)
+    table = np.sort(rng.normal(0, 3, (6, 101)), axis=1).round(6)
+    table[2] = np.nan
+    table[4, 30:70] = table[4, 30]
+    flat = monitor.FlatTable(table)
+    for _ in range(300):
+        n = int(rng.integers(1, 80))
+        values = rng.normal(0, 6, n)
+        classes = rng.integers(0, 6, n)
+        on = rng.random(n) < 0.3  # exactly on one of its class's quantiles
+        values[on] = table[classes[on], rng.integers(0, 101, on.sum())]
+        values[rng.random(n) < 0.05] = np.nan
+        values[rng.random(n) < 0.05] = 1e12
+        values[rng.random(n) < 0.05] = -np.inf
+        np.testing.assert_allclose(
+            flat(values, classes), monitor.percentiles(values, classes, table), atol=1e-12
+        )
+
+
+def test_the_request_paths_scorer_equals_ood_scores(manifest):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 1, (2000, 10)) * rng.uniform(0.2, 8, (2000, 1))
+    logits = logits.astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    out = np.stack([logits, probs], axis=1)
+    tables = monitor.tables(manifest.monitoring)
+    np.testing.assert_allclose(
+        monitor.Scorer(*tables)(out), monitor.ood_scores(out, *tables), atol=1e-9
+    )
+
+
 def test_a_single_image_scores_in_plain_python_as_a_batch_does_in_numpy(manifest):
     rng = np.random.default_rng(2)
     logits = rng.normal(0, 4, (300, 10)).astype(np.float32)
