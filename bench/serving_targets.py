@@ -114,6 +114,26 @@ def summary(values: list[float], met: list[bool]) -> dict[str, Any]:
     }
 
 
+def judged(
+    target: str, per: dict[str, list[float]], need: float, unit: str, higher: bool = True
+) -> dict[str, Any]:
+    """A target's verdict for the convserve configuration with the best median of `per`
+    (per-round figures by system): met when that median is >= `need` (or <= when not
+    `higher`)."""
+    ok = (lambda v: v >= need) if higher else (lambda v: v <= need)
+    pick = max if higher else min
+    best = pick(per, key=lambda name: statistics.median(per[name]))
+    s = summary(per[best], [ok(v) for v in per[best]])
+    return {
+        "target": target,
+        "system": best,
+        **s,
+        "unit": unit,
+        "others": {k: summary(v, [ok(x) for x in v]) for k, v in per.items()},
+        "met": ok(s["median"]),
+    }
+
+
 def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-round ratios and overheads, and each target's verdict on their median."""
     out: list[dict[str, Any]] = []
@@ -126,94 +146,42 @@ def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ]
             for ours in OURS
         }
-        best = max(OURS, key=lambda s: statistics.median(per[s]))
-        s = summary(per[best], [v >= need for v in per[best]])
-        out.append(
-            {
-                "target": f"single-image unary c64: >= {need}x {peer} requests/s"
-                + (f" (goal {goal}x)" if goal else ""),
-                "system": best,
-                **s,
-                "unit": "x",
-                "others": {k: summary(v, [x >= need for x in v]) for k, v in per.items()},
-                "met": s["median"] >= need,
-                "goal_met": s["median"] >= goal if goal else None,
-            }
-        )
+        name = f"single-image unary c64: >= {need}x {peer} requests/s"
+        t = judged(name + (f" (goal {goal}x)" if goal else ""), per, need, "x")
+        t["goal_met"] = t["median"] >= goal if goal else None
+        out.append(t)
     for key, sc in (("bulk32", BULK32), ("stream", STREAM)):
         if not all(ONE in r[key] for r in rounds):
             continue
         per = {ours: [r[key][ours]["x_ceiling"] for r in rounds] for ours in OURS}
-        best = max(OURS, key=lambda s: statistics.median(per[s]))
-        s = summary(per[best], [v >= 0.95 for v in per[best]])
-        out.append(
-            {
-                "target": f"{sc.name}: >= 95% of the ORT in-process ceiling (batch 32) images/s",
-                "system": best,
-                **s,
-                "unit": "x ceiling",
-                "others": {k: summary(v, [x >= 0.95 for x in v]) for k, v in per.items()},
-                "met": s["median"] >= 0.95,
-            }
-        )
+        name = f"{sc.name}: >= 95% of the ORT in-process ceiling (batch 32) images/s"
+        out.append(judged(name, per, 0.95, "x ceiling"))
         per = {
             ours: [r[key][ours]["images_per_s"] / r[key][NAIVE]["images_per_s"] for r in rounds]
             for ours in OURS
         }
-        best = max(OURS, key=lambda s: statistics.median(per[s]))
-        s = summary(per[best], [v >= 1.0 for v in per[best]])
-        out.append(
-            {
-                "target": f"{sc.name}: >= the naive server's images/s in the same round",
-                "system": best,
-                **s,
-                "unit": "x naive",
-                "others": {k: summary(v, [x >= 1.0 for x in v]) for k, v in per.items()},
-                "met": s["median"] >= 1.0,
-            }
+        name = f"{sc.name}: >= the naive server's images/s in the same round"
+        out.append(judged(name, per, 1.0, "x naive"))
+        layout = {TWO: [r[key][TWO]["x_layout_ceiling"] for r in rounds]}
+        name = (
+            f"(yardstick) {sc.name}: >= 95% of the ceiling as 2 workers lay their threads "
+            "out (2 sessions x 1 thread, batch 32)"
         )
-        layout = [r[key][TWO]["x_layout_ceiling"] for r in rounds]
-        s = summary(layout, [v >= 0.95 for v in layout])
-        out.append(
-            {
-                "target": f"(yardstick) {sc.name}: >= 95% of the ceiling as 2 workers lay "
-                "their threads out (2 sessions x 1 thread, batch 32)",
-                "system": TWO,
-                **s,
-                "unit": "x layout ceiling",
-                "met": s["median"] >= 0.95,
-            }
-        )
+        out.append(judged(name, layout, 0.95, "x layout ceiling"))
     if not all(ONE in r["c1"] for r in rounds):
         return out
     per = {ours: [r["c1"][ours]["overhead_ms"] for r in rounds] for ours in OURS}
-    best = min(OURS, key=lambda s: statistics.median(per[s]))
-    s = summary(per[best], [v <= 0.3 for v in per[best]])
-    out.append(
-        {
-            "target": "concurrency 1: p50 above the empty grpc.aio server <= ORT batch-1 "
-            "compute + 0.3 ms",
-            "system": best,
-            **s,
-            "unit": "ms over compute",
-            "others": {k: summary(v, [x <= 0.3 for x in v]) for k, v in per.items()},
-            "met": s["median"] <= 0.3,
-        }
-    )
+    name = "concurrency 1: p50 above the empty grpc.aio server <= ORT batch-1 compute + 0.3 ms"
+    out.append(judged(name, per, 0.3, "ms over compute", higher=False))
+    best = out[-1]["system"]
     naive = [r["c1"][NAIVE]["overhead_ms"] for r in rounds]
     out[-1]["naive_overhead_ms"] = summary(naive, [v <= 0.3 for v in naive])
-    strict = [r["c1"][best]["overhead_uvloop_ms"] for r in rounds]
-    s = summary(strict, [v <= 0.3 for v in strict])
-    out.append(
-        {
-            "target": "(stricter) concurrency 1: p50 above the empty grpc.aio server on "
-            "uvloop <= ORT batch-1 compute + 0.3 ms",
-            "system": best,
-            **s,
-            "unit": "ms over compute",
-            "met": s["median"] <= 0.3,
-        }
+    strict = {best: [r["c1"][best]["overhead_uvloop_ms"] for r in rounds]}
+    name = (
+        "(stricter) concurrency 1: p50 above the empty grpc.aio server on uvloop <= ORT "
+        "batch-1 compute + 0.3 ms"
     )
+    out.append(judged(name, strict, 0.3, "ms over compute", higher=False))
     return out
 
 
