@@ -5,8 +5,9 @@ A batch's hop to a ThreadPoolExecutor and back costs about 50 us of CPU on uvloo
 concurrent.futures.Future, its work item, the pool's idle semaphore, two futures chained
 with callbacks both ways); `Lanes.call` puts (function, arguments, asyncio future) on a
 `queue.SimpleQueue` and the thread answers with one `call_soon_threadsafe`: about 17 us
-(BENCHMARKS.md, "Bulk at the ceiling"). Every batch of every request pays it, so it shows at
-both ends: many single-image requests and 32-image ones.
+(BENCHMARKS.md, "Session 12: bulk at the ceiling"). Every batch pays it once: a bulk
+request's fixed cost outside ORT fell from ~360 to ~300 us; a batch of single images shares
+it among its rows.
 
 `Lanes` is also a `concurrent.futures.Executor` (`submit`, `shutdown`), so the rare callers
 that want one (`run_in_executor` for a version's insight graph) share its threads.
