@@ -107,28 +107,27 @@ class Lanes(concurrent.futures.Executor):
 
     def _work(self) -> None:
         get = self._jobs.get
-        while (job := get()) is not None:
-            loop, future, fn, args = job
-            if loop is None:
-                _run_submitted(future, fn, args)
-                continue
-            try:
-                value = fn(*args)
-            except BaseException as exc:  # the awaiting coroutine decides what it means
-                answer: tuple[Callable[..., None], Any] = (_set_exception, exc)
-            else:
-                answer = (_set_result, value)
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-                loop.call_soon_threadsafe(answer[0], future, answer[1])
-            del job, future, fn, args, answer  # drop the batch's arrays before waiting
+        while True:
+            job = get()
+            if job is None:
+                return
+            _run(*job)
+            del job  # the batch's arrays are not kept while the lane waits for the next
 
 
-def _run_submitted(
-    future: concurrent.futures.Future, fn: Callable[..., Any], args: tuple[Any, ...]
+def _run(
+    loop: asyncio.AbstractEventLoop | None, future: Any, fn: Callable[..., Any], args: tuple
 ) -> None:
-    if not future.set_running_or_notify_cancel():
+    if loop is None:  # from submit: a concurrent.futures.Future
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
         return
     try:
-        future.set_result(fn(*args))
-    except BaseException as exc:
-        future.set_exception(exc)
+        answer: tuple[Callable[..., None], Any] = (_set_result, fn(*args))
+    except BaseException as exc:  # the awaiting coroutine decides what it means
+        answer = (_set_exception, exc)
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+        loop.call_soon_threadsafe(answer[0], future, answer[1])
