@@ -318,7 +318,7 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def before_systems(model: Path, before: Path, skip_triton: bool) -> dict[str, tuple[Any, int]]:
+def before_systems(model: Path, before: Path) -> dict[str, tuple[Any, int]]:
     """convserve (1 and 2 workers) as the checkout at `before` serves it, on ports of its own."""
     if not (before / "serving" / "main.py").is_file():
         raise SystemExit(f"--before {before}: not a convserve checkout (no serving/main.py)")
@@ -387,7 +387,7 @@ def main() -> int:
                 chosen[name] = (s, port)
     ours = list(OURS)
     if args.before:
-        chosen.update(before_systems(model, args.before, args.skip_triton))
+        chosen.update(before_systems(model, args.before))
         ours += [n + BEFORE for n in OURS]
     runs: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
