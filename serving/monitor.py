@@ -170,14 +170,13 @@ class Scorer:
         self.table = FlatTable(np.concatenate([energy_q, norm_q]))
 
     def __call__(self, out: np.ndarray) -> np.ndarray:
-        x = out[:, 0].astype(np.float64)
+        x = out[:, 0].astype(np.float64)  # once, for both (they take float64 as it is)
         n = len(x)
-        top = x.max(axis=1)
-        values = np.empty(2 * n)
-        values[:n] = -(top + np.log(np.exp(x - top[:, None]).sum(axis=1)))  # energy
-        values[n:] = np.sqrt(np.einsum("ij,ij->i", x, x))  # logit norm
         answer = out[:, 1].argmax(axis=1)
-        p = self.table(values, np.concatenate([answer, answer + self.k]))
+        p = self.table(
+            np.concatenate([energy(x), logit_norm(x)]),
+            np.concatenate([answer, answer + self.k]),
+        )
         return np.maximum(p[:n], 1.0 - p[n:])
 
 
@@ -276,13 +275,11 @@ class Monitor:
         # Scores need the test set's tables: without them (a manifest from an older exporter,
         # or another score) every score is 0 and nothing is flagged.
         known = m is not None and m.ood_score == OOD_SCORE
-        self.tables = tables(m) if known else None
-        self._scorer = Scorer(*self.tables) if self.tables is not None else None
+        both = tables(m) if known else ()
+        self._scorer = Scorer(*both) if known else None
         self.threshold = m.ood_threshold if known else None
         # the same tables as lists, None for an empty row (ood_score_one)
-        self._rows = tuple(
-            [None if np.isnan(r[0]) else r.tolist() for r in t] for t in self.tables or ()
-        )
+        self._rows = tuple([None if np.isnan(r[0]) else r.tolist() for r in t] for t in both)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
         self._counts = self._empty()
@@ -300,7 +297,7 @@ class Monitor:
     def observe(self, images: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A request's images (uint8 NCHW) and the model's (N, 2, K) outputs (logits,
         probabilities): each image's score and whether it is flagged. Counted later."""
-        if self.tables is None:
+        if self._scorer is None:
             scores = np.zeros(len(out))
             flagged = np.zeros(len(out), dtype=bool)
         elif len(out) == 1:  # the common case, in plain Python (ood_score_one)
@@ -309,7 +306,6 @@ class Monitor:
             scores = np.array([score])
             flagged = np.array([score > self.threshold])
         else:
-            assert self._scorer is not None
             scores = self._scorer(out)
             flagged = scores > self.threshold
         self._pending.append((images, out, flagged))
