@@ -187,17 +187,18 @@ def machine() -> dict[str, Any]:
     }
 
 
-def code_version() -> dict[str, Any]:
-    """Which convserve was measured: the commit, whether the tree was dirty, and a hash of
-    serving/**/*.py (the tree may hold uncommitted work)."""
+def code_version(root: Path = ROOT) -> dict[str, Any]:
+    """Which convserve was measured (this checkout's, or the one at `root`): the commit,
+    whether the tree was dirty, and a hash of serving/**/*.py (the tree may hold uncommitted
+    work)."""
     import hashlib
 
     def git(*a: str) -> str:
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
+        r = subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=False)
         return r.stdout.strip()
 
     h = hashlib.sha256()
-    for f in sorted((ROOT / "serving").rglob("*.py")):
+    for f in sorted((root / "serving").rglob("*.py")):
         h.update(f.read_bytes())
     return {
         "commit": git("rev-parse", "--short", "HEAD"),

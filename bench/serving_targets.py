@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -332,13 +331,6 @@ def before_systems(model: Path, before: Path) -> dict[str, tuple[Any, int]]:
     return out
 
 
-def git_commit(where: Path) -> str:
-    r = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True
-    )
-    return r.stdout.strip() or "unknown"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-repository", type=Path, help="holds fashion-mnist/<version>/")
@@ -507,7 +499,7 @@ def main() -> int:
         "wall_s": round(time.monotonic() - t_start, 1),
     }
     if args.before:
-        doc["before"] = {"path": str(args.before), "commit": git_commit(args.before)}
+        doc["before"] = {"path": str(args.before), **sb.code_version(args.before.resolve())}
         doc["before_after"] = before_after(rounds)
     doc["targets"] = evaluate(rounds)
     text = markdown(doc)
