@@ -11,10 +11,10 @@ import asyncio
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -627,23 +627,30 @@ def test_sigterm_under_load_completes_every_admitted_request(
 def test_sigterm_during_a_burst_answers_every_call_and_cancels_none(
     model_repository, tmp_path, fashion_test
 ):
-    """400 calls of 8 images at once, far more than a batch or the queue: those the server
-    had received but not yet handled when SIGTERM came are refused UNAVAILABLE (go
-    elsewhere), never CANCELLED, which a client reads as its own doing."""
+    """400 calls of 8 images at once, far more than a batch, and 100 more once the server
+    says it is draining: those it had received but not yet handled when SIGTERM came, and
+    those that arrive while it drains, are refused UNAVAILABLE (go elsewhere), never
+    CANCELLED, which a client reads as its own doing."""
     s = start_server(model_repository, tmp_path, "--max-batch-size", "8")
     request = pb.PredictRequest(images=[tensor(x) for x in fashion_test.images[:8]])
     channels = [s.channel() for _ in range(4)]
     try:
         stubs = [pb_grpc.ClassifierStub(ch) for ch in channels]
         calls = [stubs[i % 4].Predict.future(request, timeout=60) for i in range(400)]
-        time.sleep(0.05)  # the scenario: SIGTERM 50 ms into the burst
-        assert s.stop() == 0
+        # SIGTERM once the server is answering the burst (a condition, not a sleep: on a
+        # busy machine the whole burst can be taken in before a fixed delay ends).
+        wait_for("the first answer", lambda: any(c.done() for c in calls), 30, every=0.005)
+        s.proc.send_signal(signal.SIGTERM)
+        wait_for("the draining line", lambda: "draining:" in s.log(), 30, every=0.01)
+        calls += [stubs[i % 4].Predict.future(request, timeout=60) for i in range(100)]
+        assert s.proc.wait(60) == 0
         codes = Counter(
             "OK" if call.exception() is None else call.exception().code().name for call in calls
         )
     finally:
         for ch in channels:
             ch.close()
+        s.stop()
     assert codes["CANCELLED"] == 0, codes
     assert set(codes) <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}, codes
     assert codes["OK"] > 0 and codes["UNAVAILABLE"] > 0, codes
