@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from serving.batcher import BatchConfig, Batcher
+from serving.batcher import WATCH_TURNS, BatchConfig, Batcher
 from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 from serving.lanes import Lanes
 from serving.settings import ServerSettings
@@ -73,6 +73,13 @@ def batching(**kw: object) -> BatchConfig:
 
 def rows(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)[:, None]
+
+
+async def round_trip() -> None:
+    """What a lone client's next call waits: its answer's way back and its next call's way
+    in, more loop turns than the batcher watches after a run on the loop."""
+    for _ in range(WATCH_TURNS + 1):
+        await asyncio.sleep(0)
 
 
 def test_each_request_gets_exactly_its_own_rows_in_order():
@@ -316,6 +323,7 @@ def test_idle_small_requests_run_on_the_loop_only_when_runs_are_cheap(delay):
     async def body(b):
         for i in range(6):  # one at a time: the batcher is idle for each
             assert np.array_equal(await b.submit(rows(i)), rows(2 * i))
+            await round_trip()
         big = rows(*range(8))  # above INLINE_MAX_ROWS: always on the executor
         assert np.array_equal(await b.submit(big), big * 2)
 
@@ -328,6 +336,37 @@ def test_idle_small_requests_run_on_the_loop_only_when_runs_are_cheap(delay):
     assert on_loop[1:6] == [delay == 0.0] * 5
 
 
+def test_small_requests_that_arrive_together_batch_instead_of_running_one_by_one_on_the_loop():
+    """Under load, calls arrive while a run on the loop blocks it. Each used to find the
+    batcher idle and run alone on the loop, so a busy server never batched. Now a call that
+    comes within the batcher's watch after a run on the loop goes to an ORT thread, and those
+    behind it batch; once calls come one at a time again, they run on the loop again."""
+    rec = ThreadRecorder()
+    loop_thread = threading.get_ident()
+
+    async def body(b):
+        for i in range(3):  # one at a time: cheap runs move onto the loop
+            assert np.array_equal(await b.submit(rows(i)), rows(2 * i))
+            await round_trip()
+        assert rec.threads[-1] == loop_thread
+        before = len(rec.batches)
+        outs = await asyncio.gather(*(b.submit(rows(100 + i)) for i in range(40)))
+        for i, out in enumerate(outs):
+            assert np.array_equal(out, rows(2 * (100 + i)))
+        burst = rec.batches[before:], rec.threads[before:]
+        await round_trip()
+        assert np.array_equal(await b.submit(rows(7)), rows(14))
+        return burst
+
+    (batches, threads) = run(_with_batcher, rec, batching(max_batch_size=8), body)
+    assert sorted(int(v) for x in batches for v in x[:, 0]) == list(range(100, 140))
+    # The first runs on the loop; the second, within the watch, takes the ORT thread while
+    # the other 38 queue behind it.
+    assert [len(x) for x in batches] == [1, 1, 8, 8, 8, 8, 6]
+    assert [t == loop_thread for t in threads] == [True] + [False] * 6
+    assert rec.threads[-1] == loop_thread  # alone again: back on the loop
+
+
 def test_a_failed_run_on_the_loop_fails_that_request_and_the_next_still_runs_there():
     rec = ThreadRecorder(fail_on=13)
     loop_thread = threading.get_ident()
@@ -335,8 +374,10 @@ def test_a_failed_run_on_the_loop_fails_that_request_and_the_next_still_runs_the
     async def body(b):
         for i in range(3):  # the first run is measured on the executor, then cheap runs inline
             assert np.array_equal(await b.submit(rows(i)), rows(2 * i))
+            await round_trip()
         with pytest.raises(InferenceFailed, match="poisoned row 13"):
             await b.submit(rows(13))
+        await round_trip()
         assert np.array_equal(await b.submit(rows(7)), rows(14))
         assert b.queued_rows == 0
 
