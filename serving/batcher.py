@@ -13,6 +13,7 @@ One `Batcher` per loaded model version, living on the worker's asyncio loop:
   before the run, so no row starts computing after its deadline (the observer counts these
   dropped rows, and the rows computed for callers that left while their batch ran);
 - a failed run fails only the requests in that batch;
+- a small request that finds it idle and alone may run on the loop itself (serving.inline);
 - a traced call's request (serving.tracing.current_call) reports its queue and run times.
 """
 
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull, ServingError
+from serving.inline import LoopRuns
 from serving.lanes import Lanes
 from serving.tracing import CallTrace, current_call, record_batch
 
@@ -66,23 +68,6 @@ class BatchConfig:
     max_queue_delay_s: float
     max_queue_size: int  # rows (images) waiting, summed over requests
     instances: int
-
-
-# An idle batcher runs a small request on the event loop itself when such runs have been
-# taking less than INLINE_MAX_S: a batch-1 run of a small CNN costs about what the hop to an
-# ORT thread and back costs. Slow runs (a big model, a busy device) keep going to the
-# ORT threads, so the loop is never blocked for long.
-INLINE_MAX_ROWS = 4
-INLINE_MAX_S = 0.002
-# ...but only a request that is alone. A run on the loop blocks it, so calls that arrive
-# meanwhile wait in gRPC's core, unseen: each then found the batcher idle, ran alone on the
-# loop in turn, and a loaded server never batched (1-image calls at c64: a batch-1 run per
-# call, ~0.3 ms more CPU a request than batches of 10-30). So after a run on the loop the
-# batcher watches the loop's next WATCH_TURNS turns: a call gRPC received meanwhile reaches
-# the batcher within that many (at c8, 9 in 10 by the 6th turn; at c1 none of 5,500 in 20
-# turns: the next call of a lone client is a round trip away), and one that does goes to an
-# ORT thread, so those behind it batch. The answer does not wait for the watch.
-WATCH_TURNS = 8
 
 
 @dataclass(eq=False)  # identity: `req in queue` must not compare the numpy rows
@@ -139,8 +124,7 @@ class Batcher:
         self._running: set[asyncio.Task] = set()  # references to batch tasks
         self._active = 0  # batches computing now (scheduled or fast path)
         self._closed = False
-        self._watch = 0  # loop turns left in the watch after a run on the loop
-        self._small_run_s: float | None = None  # moving average of small runs' duration
+        self._loop_runs = LoopRuns()  # whether a small request may run on the loop itself
         self._row_s = 0.0  # moving average of a run's seconds per row
         self._run_s = 0.0  # and of a run's seconds
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
@@ -173,10 +157,9 @@ class Batcher:
             raise DeadlineExceeded("deadline already passed on arrival")
         trace = current_call()  # None unless tracing samples the call: one read when off
         idle = self._idle_fast_path(n)
-        if idle and not self._watch and self._runs_inline(n):
+        if idle and self._loop_runs.allowed(n):
             out = self._run_inline(rows, trace)
-            self._watch = WATCH_TURNS
-            asyncio.get_running_loop().call_soon(self._turned)
+            self._loop_runs.ran_on_loop()
             return out
         req = _Request(rows, asyncio.get_running_loop().create_future(), deadline, now, trace)
         if idle:
@@ -201,11 +184,6 @@ class Batcher:
             if not req.future.done():  # the caller was cancelled: free its queued rows now
                 req.future.cancel()
                 self._drop(req, "cancelled")
-
-    def _turned(self) -> None:
-        self._watch = max(0, self._watch - 1)
-        if self._watch:
-            asyncio.get_running_loop().call_soon(self._turned)
 
     def _run_inline(self, rows: np.ndarray, trace: CallTrace | None) -> np.ndarray:
         """A small run on the event loop itself, start to end without a suspension point:
@@ -234,13 +212,7 @@ class Batcher:
         self.observer.batch(n, took, requests, assembly)
         self._row_s = 0.8 * self._row_s + 0.2 * took / n if self._row_s else took / n
         self._run_s = 0.8 * self._run_s + 0.2 * took if self._run_s else took
-        if n <= INLINE_MAX_ROWS:
-            last = self._small_run_s
-            self._small_run_s = took if last is None else 0.8 * last + 0.2 * took
-
-    def _runs_inline(self, n: int) -> bool:
-        cost = self._small_run_s
-        return n <= INLINE_MAX_ROWS and cost is not None and cost <= INLINE_MAX_S
+        self._loop_runs.ran(n, took)
 
     def _idle_fast_path(self, n: int) -> bool:
         return (

@@ -10,8 +10,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from serving.batcher import WATCH_TURNS, BatchConfig, Batcher
+from serving.batcher import BatchConfig, Batcher
 from serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+from serving.inline import WATCH_TURNS
 from serving.lanes import Lanes
 from serving.settings import ServerSettings
 
