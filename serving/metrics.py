@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from serving.contract import CONFIDENCE_BUCKETS, INTENSITY_BUCKETS
+from serving.runboard import process_board
 
 LATENCY_BUCKETS = (
     5e-4,
@@ -291,6 +292,15 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.cpu_runs = Counter(
+            "convserve_cpu_runs_total",
+            "ORT runs on the CPU by the cores they took (serving.runboard): 'all' when the run "
+            "found no other in flight on the server, 'share' when it ran on this worker's "
+            "share. Counted only where runs can borrow idle cores (several workers or lanes).",
+            ["cores"],
+            registry=r,
+        )
+        self._runs_counted = (0, 0)
         # Sampled captures (serving.capture): each sampled image is captured or dropped.
         self.captured = Counter(
             "convserve_captured_images_total",
@@ -337,13 +347,21 @@ class Metrics:
         children[1].observe(seconds)
 
     def update_process(self) -> None:
-        """Refresh this worker's CPU, memory and fd gauges (called periodically). In
-        multiprocess mode prometheus_client adds a `pid` label to each (liveall)."""
+        """Refresh this worker's CPU, memory and fd gauges (called periodically; in
+        multiprocess mode prometheus_client adds a `pid` label to each, liveall) and count
+        its runs since the last call by the cores they took."""
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self.process_cpu.set(ru.ru_utime + ru.ru_stime)
         self.process_rss.set(_rss_bytes())
         with contextlib.suppress(OSError):
             self.process_fds.set(len(os.listdir("/proc/self/fd")))
+        board = process_board()
+        if board is not None:
+            runs, wide = board.counts()
+            then, wide_then = self._runs_counted
+            self.cpu_runs.labels("all").inc(wide - wide_then)
+            self.cpu_runs.labels("share").inc(runs - wide - (then - wide_then))
+            self._runs_counted = (runs, wide)
 
 
 def _rss_bytes() -> int:

@@ -141,7 +141,7 @@ class Loader:
         manifest, document = read_manifest(vdir)
         label = f"{vdir.parent.name}:{vdir.name}"
         path = vdir / self.variant_file
-        session = self._session(path, manifest, label)
+        session = self._session(path, manifest, label, wide=True)
         check_contract(session, manifest, str(path))
         try:
             session.warmup(self.batching.max_batch_size, manifest.input.shape)
@@ -186,7 +186,7 @@ class Loader:
             statistics=statistics,
         )
 
-    def _session(self, path: Path, manifest: Manifest, label: str) -> Session:
+    def _session(self, path: Path, manifest: Manifest, label: str, wide: bool = False) -> Session:
         """Read one model file into memory, check it and open it in ONNX Runtime."""
         data = read_model_file(path, self.max_model_bytes)
         digest = manifest.files.get(path.name)
@@ -196,7 +196,7 @@ class Loader:
             )
         try:
             # From bytes: ORT reads exactly the bytes we checked (no external data).
-            session = Session(data, self.runtime, label)
+            session = Session(data, self.runtime, label, wide)
         except DeviceUnavailable:
             raise  # an explicit --device that cannot run here stops the server
         except Exception as exc:

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnxruntime as ort
@@ -28,6 +28,7 @@ from onnxruntime.datasets import get_example
 
 from serving.contract import OUTPUT_NAMES
 from serving.errors import DeviceUnavailable, InferenceFailed
+from serving.runboard import RunBoard, board_for
 
 log = logging.getLogger("convserve.runtime")
 
@@ -60,6 +61,13 @@ class RuntimeOptions:
     # "off": they block after every section; "always": ORT's default, they keep spinning
     # after a run and take the cores gRPC and Python need on a small machine.
     spinning: str
+    # serving.runboard: a CPU run that finds no other run in flight on the server takes a
+    # session of this many intra-op threads (0: there is no such session), judged by the
+    # board in this file ("": private to the process), this process writing slot board_slot.
+    wide_threads: int = 0
+    board: str = ""
+    board_slots: int = 1
+    board_slot: int = 0
 
 
 def _device_id(device: str) -> int:
@@ -169,7 +177,9 @@ def _no_external_data_dir() -> tempfile.TemporaryDirectory:
 class Session:
     """One ORT session on the chosen device, with the provider it really got."""
 
-    def __init__(self, model_bytes: bytes, opts: RuntimeOptions, label: str = "model"):
+    def __init__(
+        self, model_bytes: bytes, opts: RuntimeOptions, label: str = "model", wide: bool = False
+    ):
         self.requested_device = opts.device
         wanted = requested_providers(opts.device)
         first_wanted = wanted[0][0]
@@ -203,6 +213,14 @@ class Session:
                 )
             self.fallback = f"--device auto wanted {first_wanted} but {reason}"
         self.on_gpu = self.provider in (CUDA, TENSORRT)
+        # A second session of all the server's cores for runs alone on it (`wide`: the
+        # batcher's session; serving.runboard). It blocks between parallel sections.
+        self.wide: ort.InferenceSession | None = None
+        self.board: RunBoard | None = None
+        if wide and not self.on_gpu and opts.wide_threads > opts.intra_op_threads > 0:
+            so = session_options(replace(opts, intra_op_threads=opts.wide_threads, spinning="off"))
+            self.wide = ort.InferenceSession(model_bytes, sess_options=so, providers=[CPU])
+            self.board = board_for(opts.board, opts.board_slots, opts.board_slot)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_type = inp.type
@@ -223,7 +241,13 @@ class Session:
         try:
             if self.on_gpu:
                 return self._run_bound(images, outputs)
-            return self.session.run(list(outputs), {self.input_name: images})
+            if self.board is None:
+                return self.session.run(list(outputs), {self.input_name: images})
+            session = self.wide if self.board.enter() else self.session
+            try:
+                return session.run(list(outputs), {self.input_name: images})
+            finally:
+                self.board.leave()
         except Exception as exc:
             raise InferenceFailed(f"inference failed: {exc}") from exc
 
@@ -246,6 +270,15 @@ class Session:
         return binding.copy_outputs_to_cpu()
 
     def warmup(self, max_batch_size: int, shape: tuple[int, int, int]) -> None:
-        """Run batch 1 and max batch once so the first request pays no allocation cost."""
+        """Run batch 1 and max batch once (in each session) so the first request pays no
+        allocation cost."""
         for n in sorted({1, max_batch_size}):
-            self.run(np.zeros((n, *shape), dtype=np.uint8))
+            x = np.zeros((n, *shape), dtype=np.uint8)
+            if self.wide is None:
+                self.run(x)
+                continue
+            for session in (self.session, self.wide):  # not through the board: both
+                try:
+                    session.run(["probabilities"], {self.input_name: x})
+                except Exception as exc:
+                    raise InferenceFailed(f"inference failed: {exc}") from exc

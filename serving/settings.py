@@ -18,6 +18,7 @@ from serving.auth import GROUPS, TokenFileError, parse_groups
 from serving.batcher import BatchConfig
 from serving.capture import CaptureConfig
 from serving.contract import VARIANT_FILES
+from serving.cores import usable_cores
 from serving.dataplane import Limits
 from serving.options import SettingsError, option, parse, validate
 from serving.repository import RepositoryConfig
@@ -85,6 +86,12 @@ class ServerSettings:
     max_queue_delay_us: int = option(0, "how long a request may wait for company (microseconds)")
     max_queue_size: int = option(4096, "queued rows beyond which requests are shed", minimum=1)
     instances: int = option(1, "concurrent ORT runs per model", minimum=1)
+    borrow_idle_cores: bool = option(
+        True,
+        "a CPU run that finds no other run in flight (any worker, any lane) uses every core, "
+        "not its share (--intra-op-threads, or the cores split between --workers): a second "
+        "session per model version (serving.runboard; --no-borrow-idle-cores: off)",
+    )
     shed_by_deadline: bool = option(
         True,
         "refuse at once (RESOURCE_EXHAUSTED) a call whose deadline the work already queued "
@@ -181,6 +188,9 @@ class ServerSettings:
     reuse_port: bool = option(
         False, "workers sharing a port the parent reserved (SO_REUSEPORT)", cli=False
     )
+    run_board: str = option(
+        "", "the workers' run board file (serving.runboard; '': this process's own)", cli=False
+    )
     spinning: str = option(
         "run", "ORT intra-op spinning (serving.runtime.SPINNING)", choices=SPINNING, cli=False
     )
@@ -245,7 +255,21 @@ class ServerSettings:
             self.inter_op_threads,
             self.graph_optimization,
             self.spinning,
+            wide_threads=self.wide_threads,
+            board=self.run_board,
+            board_slots=self.worker_count,
+            board_slot=self.worker_index,
         )
+
+    @property
+    def wide_threads(self) -> int:
+        """Intra-op threads of a run alone on the server (serving.runboard): every usable
+        core, when runs get fewer and several may run at once; else 0 (no wide session)."""
+        cores = usable_cores()
+        shared = self.worker_count > 1 or self.instances > 1
+        if self.borrow_idle_cores and shared and 0 < self.intra_op_threads < cores:
+            return cores
+        return 0
 
     @property
     def batching(self) -> BatchConfig:

@@ -5,7 +5,10 @@ Prometheus multiprocess folder, starts each worker as a spawned `multiprocessing
 given its settings (a full single-worker server with its own ORT sessions), serves the
 aggregated /metrics, restarts a worker that dies, forwards SIGHUP (re-read certificates and
 tokens), and on SIGTERM forwards it and waits for every worker to drain. SO_REUSEPORT spreads
-connections, not requests: clients need several connections to use every worker.
+connections, not requests: a client needs several connections to reach every worker, and 8
+connections land unevenly on 2 workers more often than not. Each worker runs ORT on its share
+of the cores, and a run that finds no other in flight on the server takes them all
+(serving.runboard, on a board file in the parent's private folder).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from serving.auth import TokenFileError
 from serving.cores import usable_cores
 from serving.logs import setup_logging
+from serving.runboard import make_board_file
 from serving.settings import ServerSettings
 from serving.tls import TLSError
 from serving.tracing import TracingConfig, TracingError
@@ -75,8 +79,11 @@ def worker(settings: ServerSettings) -> None:
     sys.exit(server.run(settings, CollectorRegistry()))
 
 
-def worker_settings(settings: ServerSettings, port: int, index: int = 0) -> ServerSettings:
-    """Worker `index`'s settings (the same number when it is restarted: its capture files)."""
+def worker_settings(
+    settings: ServerSettings, port: int, index: int = 0, run_board: str = ""
+) -> ServerSettings:
+    """Worker `index`'s settings (the same number when it is restarted: its capture files
+    and its slot of the `run_board` file, serving.runboard)."""
     threads = settings.intra_op_threads
     if threads == 0:
         # ORT's default is a thread per core in every worker: N workers would run N x cores
@@ -91,6 +98,7 @@ def worker_settings(settings: ServerSettings, port: int, index: int = 0) -> Serv
         intra_op_threads=threads,
         worker_index=index,
         worker_count=settings.workers,
+        run_board=run_board,
     )
 
 
@@ -125,6 +133,9 @@ def run_parent(settings: ServerSettings) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     spawn = multiprocessing.get_context("spawn")
     with contextlib.ExitStack() as stack:
+        private = Path(tempfile.mkdtemp(prefix="convserve-workers-"))
+        stack.callback(shutil.rmtree, private, ignore_errors=True)
+        board = str(make_board_file(private, settings.workers))
         port = stack.enter_context(reserve_port(settings.host, settings.port))
         if settings.health_port:  # the workers share the probe port the same way
             stack.enter_context(reserve_port(settings.host, settings.health_port))
@@ -136,7 +147,7 @@ def run_parent(settings: ServerSettings) -> int:
             start_http_server(settings.metrics_listener, settings.metrics_host, registry)
 
         def start(i: int) -> BaseProcess:
-            each = worker_settings(settings, port, i)
+            each = worker_settings(settings, port, i, board)
             p = spawn.Process(target=worker, args=(each,), name="convserve-worker")
             p.start()
             return p

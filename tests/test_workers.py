@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serving import settings as settings_module
+from serving import workers as workers_module
 from serving.client import Client
-from tests.serving_helpers import ServerProcess, free_port, running_server, wait_serving
+from serving.contract import OUTPUT_NAMES
+from serving.cores import usable_cores
+from serving.runboard import RunBoard, make_board_file
+from serving.runtime import Session
+from serving.settings import ServerSettings
+from serving.workers import worker_settings
+from tests.serving_helpers import (
+    ServerProcess,
+    free_port,
+    metric_value,
+    running_server,
+    wait_for,
+    wait_serving,
+)
 from tests.tiny_models import DEFAULT_LABELS, image_of_class, write_version
 
 
@@ -18,7 +38,9 @@ def test_the_parent_removes_the_metrics_folder_it_created(tmp_path: Path) -> Non
     with running_server(repo, tmp_path, "--workers", "2", env={"TMPDIR": str(tmp)}):
         made = list(tmp.glob("convserve-prom-*"))
         assert len(made) == 1 and any(made[0].iterdir())  # the workers' metric files
+        assert len(list(tmp.glob("convserve-workers-*"))) == 1  # the run board's folder
     assert not list(tmp.glob("convserve-prom-*"))  # one per server start would pile up in /tmp
+    assert not list(tmp.glob("convserve-workers-*"))  # nor the run board's folder
 
 
 def test_workers_serve_the_flags_main_was_given_not_the_command_line(tmp_path: Path) -> None:
@@ -44,3 +66,90 @@ def test_workers_serve_the_flags_main_was_given_not_the_command_line(tmp_path: P
             assert client.predict([image])[0].label == DEFAULT_LABELS[2]
     finally:
         assert server.stop() == 0, server.log()
+
+
+# ---------------------------------------------------------------- runs borrow idle cores
+def test_only_a_run_alone_on_the_server_is_told_to_take_every_core(tmp_path: Path) -> None:
+    path = make_board_file(tmp_path, 2)
+    a, b = RunBoard(path, 2, 0), RunBoard(path, 2, 1)  # two workers' views of one board
+    assert a.enter()  # nothing else in flight
+    assert not b.enter()  # the other worker's run finds a's
+    assert not a.enter()  # nor does a second lane of the first worker
+    a.leave()
+    a.leave()
+    assert b.in_flight() == 1
+    b.leave()
+    assert b.enter()  # alone again
+    b.leave()
+    assert a.counts() == (2, 1) and b.counts() == (2, 1)
+    assert a.in_flight() == b.in_flight() == 0
+
+
+def test_a_restarted_worker_clears_the_count_its_predecessor_left(tmp_path: Path) -> None:
+    path = make_board_file(tmp_path, 2)
+    RunBoard(path, 2, 1).enter()  # killed in the middle of a run: it never leaves
+    other = RunBoard(path, 2, 0)
+    assert not other.enter()
+    other.leave()
+    RunBoard(path, 2, 1)  # its successor takes the slot over
+    assert other.enter()
+
+
+def test_runs_borrow_idle_cores_only_where_each_gets_a_share(monkeypatch) -> None:
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 4)
+    monkeypatch.setattr(workers_module, "usable_cores", lambda: 4)
+    two = worker_settings(ServerSettings(workers=2), 50051, 1, "/board")
+    assert two.intra_op_threads == 2 and two.runtime.wide_threads == 4
+    assert (two.runtime.board, two.runtime.board_slots, two.runtime.board_slot) == ("/board", 2, 1)
+    off = worker_settings(ServerSettings(workers=2, borrow_idle_cores=False), 50051)
+    assert off.runtime.wide_threads == 0
+    assert ServerSettings(instances=2, intra_op_threads=1).runtime.wide_threads == 4
+    assert ServerSettings().runtime.wide_threads == 0  # ORT's own: a thread per core
+    assert ServerSettings(intra_op_threads=1).runtime.wide_threads == 0  # one lane: as asked
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 1)
+    monkeypatch.setattr(workers_module, "usable_cores", lambda: 1)
+    assert worker_settings(ServerSettings(workers=2), 50051).runtime.wide_threads == 0
+
+
+def test_the_wide_session_answers_the_same_bits(version_dir: Path, fashion_test) -> None:
+    opts = replace(ServerSettings(device="cpu", intra_op_threads=1).runtime, wide_threads=2)
+    session = Session((version_dir / "model.onnx").read_bytes(), opts, "fashion", wide=True)
+    assert session.wide is not None and session.board is not None
+    x = fashion_test.images[:64]
+    for n in (1, 7, 32, 64):
+        narrow = session.session.run(list(OUTPUT_NAMES), {"images": x[:n]})
+        wide = session.wide.run(list(OUTPUT_NAMES), {"images": x[:n]})
+        for a, b in zip(narrow, wide, strict=True):
+            assert np.array_equal(a, b)
+    assert session.board.in_flight() == 0
+    session.classify(x[:8])  # through the board, and out of it
+    assert session.board.in_flight() == 0
+
+
+@pytest.mark.slow  # about 3 s: three processes
+def test_one_client_of_two_workers_runs_on_every_core(
+    model_repository: Path, tmp_path: Path, fashion_test
+) -> None:
+    """One gRPC channel is one connection, which SO_REUSEPORT gives to one worker: its runs,
+    alone on the server, take the idle worker's core too, and answer as in-process ORT."""
+    if usable_cores() < 2:
+        pytest.skip("one usable core: there is no core to borrow")
+    version = model_repository / "fashion-mnist" / "1"
+    sess = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = fashion_test.images[:32]
+    want = sess.run(["probabilities"], {"images": x})[0]
+    with running_server(model_repository, tmp_path, "--workers", "2") as s:
+        with Client(s.target) as client:
+            for _ in range(5):
+                got = client.predict(list(x))
+                assert [p.index for p in got] == list(want.argmax(1))
+                probs = [p.classes[0].probability for p in got]
+                assert np.array_equal(np.float32(probs), want.max(1))
+
+        def counted() -> str | None:
+            text = s.metrics()
+            return text if metric_value(text, "convserve_cpu_runs_total", cores="all") else None
+
+        text = wait_for("the runs in the parent's /metrics", counted)
+        assert metric_value(text, "convserve_cpu_runs_total", cores="all") == 5
+        assert metric_value(text, "convserve_cpu_runs_total", cores="share") == 0
