@@ -7,8 +7,9 @@ connections land 8/0 or 7/1 on 2 workers in 7% of tries. The busy worker then ra
 machine while the other core idled: 4,064 img/s of 32-image requests against 7,048 for one
 worker on the same 2 cores (BENCHMARKS.md, "Session 14").
 
-So every worker counts its runs in flight on a board: a small file of one int32 per worker
-that all of them map. A run that finds no other run in flight on the whole server takes the
+So every worker counts its runs in flight on a board: a small file that all of them map, with
+each worker's runs in flight and when its last one ended. A run that finds no other run in
+flight on the whole server, and no other worker busy in the last QUIET_NS, takes the
 version's wide session (a thread per usable core); otherwise it takes its own share. ORT fixes
 a session's thread count when it is made, hence two sessions per version when the board is
 on (`--no-borrow-idle-cores`: one). The wide session never spins between the parallel
@@ -28,9 +29,15 @@ import functools
 import mmap
 import os
 import threading
+import time
 from pathlib import Path
 
-SLOT_BYTES = 4  # one int32 per worker
+SLOT_BYTES = 16  # per worker: runs in flight, and when its last run ended (int64s)
+# Another worker counts as idle only this long after its last run ended: under load from
+# many connections every worker is between two runs now and then (for the hop back to the
+# event loop and the next batch), and a wide run begun in such a gap shares the cores with
+# that worker's next run (2 workers at c64 single images: -5.5% requests/s without this).
+QUIET_NS = 2_000_000
 
 
 class RunBoard:
@@ -50,25 +57,33 @@ class RunBoard:
                 self._map = mmap.mmap(fd, size)
             finally:
                 os.close(fd)
-        self._counts = memoryview(self._map).cast("i")
+        self._words = memoryview(self._map).cast("q")
         self._slot = slot
+        self._others = [j for j in range(slots) if j != slot]
         self._lock = threading.Lock()  # this process's lanes and loop update one slot
-        self._counts[slot] = 0  # a restarted worker: whatever its predecessor left
+        self._words[2 * slot] = 0  # a restarted worker: whatever its predecessor left
         self.runs = 0  # this process's runs through the board, and how many ran wide
         self.wide_runs = 0
 
     def enter(self) -> bool:
-        """Count a run in; True when it is the only one in flight on the server."""
+        """Count a run in; True when it is the only one in flight on the server and every
+        other worker has been idle for QUIET_NS."""
+        w, mine = self._words, 2 * self._slot
         with self._lock:
-            self._counts[self._slot] += 1
-            alone = sum(self._counts) == 1
+            w[mine] += 1
+            alone = w[mine] == 1
+            if alone and self._others:
+                now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process
+                alone = all(w[2 * j] == 0 and now - w[2 * j + 1] >= QUIET_NS for j in self._others)
             self.runs += 1
             self.wide_runs += alone
             return alone
 
     def leave(self) -> None:
+        w, mine = self._words, 2 * self._slot
         with self._lock:
-            self._counts[self._slot] -= 1
+            w[mine] -= 1
+            w[mine + 1] = time.monotonic_ns()
 
     def counts(self) -> tuple[int, int]:
         """(runs, of which wide) this process has made through the board."""
@@ -77,7 +92,7 @@ class RunBoard:
 
     def in_flight(self) -> int:
         """Runs in flight on the whole server now."""
-        return sum(self._counts)
+        return sum(self._words[0::2])
 
 
 def make_board_file(folder: Path, slots: int) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from serving import workers as workers_module
 from serving.client import Client
 from serving.contract import OUTPUT_NAMES
 from serving.cores import usable_cores
-from serving.runboard import RunBoard, make_board_file
+from serving.runboard import QUIET_NS, RunBoard, make_board_file
 from serving.runtime import Session
 from serving.settings import ServerSettings
 from serving.workers import worker_settings
@@ -72,16 +73,19 @@ def test_workers_serve_the_flags_main_was_given_not_the_command_line(tmp_path: P
 def test_only_a_run_alone_on_the_server_is_told_to_take_every_core(tmp_path: Path) -> None:
     path = make_board_file(tmp_path, 2)
     a, b = RunBoard(path, 2, 0), RunBoard(path, 2, 1)  # two workers' views of one board
-    assert a.enter()  # nothing else in flight
+    assert a.enter()  # nothing else in flight, and b has never run
     assert not b.enter()  # the other worker's run finds a's
     assert not a.enter()  # nor does a second lane of the first worker
     a.leave()
     a.leave()
     assert b.in_flight() == 1
     b.leave()
-    assert b.enter()  # alone again
-    b.leave()
-    assert a.counts() == (2, 1) and b.counts() == (2, 1)
+    assert not a.enter()  # b ran a moment ago: under load it is only between two runs
+    a.leave()
+    time.sleep(QUIET_NS / 1e9)  # quiet for that long: b is idle
+    assert a.enter()
+    a.leave()
+    assert a.counts() == (4, 2) and b.counts() == (1, 0)
     assert a.in_flight() == b.in_flight() == 0
 
 
