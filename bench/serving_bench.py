@@ -33,10 +33,12 @@ peer) and latency_throughput.png; when a target is missed it profiles convserve 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -45,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -515,7 +518,15 @@ def measure(
     cpu0 = tree_cpu_seconds(proc.pid)
     client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, t0 = machine_busy_seconds(), time.monotonic()
+    spread: list[int] = []
+    if system.listeners > 1:  # halfway through the measured run: where its connections went
+        look = threading.Timer(
+            args.warmup + args.duration / 2, lambda: spread.extend(connection_spread(port))
+        )
+        look.start()
     out = _h2load(system, port, sc, messages, answer_bytes, args, tmp)
+    if system.listeners > 1:
+        look.join()
     client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy, wall = machine_busy_seconds() - busy0, time.monotonic() - t0
     server_cpu = tree_cpu_seconds(proc.pid) - cpu0
@@ -534,11 +545,25 @@ def measure(
             1e3 * server_cpu / max(1.0, loaded * out["requests_per_s"]), 4
         ),
         "server_cpu_cores": round(server_cpu / loaded, 2),
+        # With several workers: the load's connections per worker, fewest first (SO_REUSEPORT
+        # hashes each connection to one worker; a worker without any idles).
+        **({"connections_per_worker": spread} if system.listeners > 1 else {}),
         "client_cpu_cores": round(client_cpu / loaded, 2),
         # Cores busy with anything but this server and its load client: another job on
         # the machine shows here (the driver itself idles while a run lasts).
         "other_cpu_cores": round(max(0.0, busy - server_cpu - client_cpu) / wall, 2),
     }
+
+
+def connection_spread(port: int) -> list[int]:
+    """Established connections to `port` on this host by the process holding each, fewest
+    first (`ss -tnp`); a worker holding none is not counted."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return sorted(collections.Counter(re.findall(r"pid=(\d+)", out)).values())
 
 
 def _h2load(

@@ -14,6 +14,8 @@ back:
   naive server and convserve, each between two batch-32 ceilings; around the group, the
   ceiling as the 2-worker server lays its threads out (two sessions of one intra-op thread
   each, run at once from two threads: what 2 workers can do at most on 2 cores).
+  The 2-worker server's rows say how h2load's connections fell on its workers (`ss`,
+  halfway through each run): SO_REUSEPORT hashes each connection to one worker.
 
 With `--before DIR` (a checkout of an earlier commit, e.g. `git worktree add DIR <commit>`),
 convserve from DIR joins every group under its own names ("... (before)"), so a change is
@@ -286,8 +288,8 @@ def markdown(doc: dict[str, Any]) -> str:
             "2 workers | x ceiling: naive / 1 / 2 workers | server CPU ms per request: naive "
             "/ 1 / 2 workers (empty server) | h2load cores: naive / 1 / 2 workers | stream x "
             "ceiling: naive / 1 / 2 workers | stream server CPU ms per request: naive / 1 / 2 "
-            "workers (empty server) |",
-            "|---:|---|---|---|---|---|---|---|",
+            "workers (empty server) | 2 workers' connections per worker: 32 images / stream |",
+            "|---:|---|---|---|---|---|---|---|---|",
         ]
         three = (NAIVE, ONE, TWO)
         for i, r in enumerate(rounds, 1):
@@ -296,12 +298,17 @@ def markdown(doc: dict[str, Any]) -> str:
             def cells(g: dict[str, Any], key: str, fmt: str) -> str:
                 return " / ".join(format(g[s][key], fmt) for s in three)
 
+            def spread(g: dict[str, Any]) -> str:
+                conns = g[TWO].get("connections_per_worker")
+                return "-" if conns is None else "+".join(map(str, conns))
+
             lines.append(
                 f"| {i} | {b['ceiling_images_per_s']:.0f} / {b['layout_ceiling_images_per_s']:.0f} "
                 f"| {cells(b, 'images_per_s', '.0f')} | {cells(b, 'x_ceiling', '.3f')} "
                 f"| {cells(b, 'server_cpu_ms', '.2f')} ({b['floor']['server_cpu_ms']:.2f}) "
                 f"| {cells(b, 'client_cpu_cores', '.2f')} | {cells(st, 'x_ceiling', '.3f')} "
-                f"| {cells(st, 'server_cpu_ms', '.2f')} ({st['floor']['server_cpu_ms']:.2f}) |"
+                f"| {cells(st, 'server_cpu_ms', '.2f')} ({st['floor']['server_cpu_ms']:.2f}) "
+                f"| {spread(b)} / {spread(st)} |"
             )
         lines.append("")
     idle = max((run["idle_others_cpu_cores"] for run in doc["runs"]), default=0.0)
@@ -464,6 +471,8 @@ def main() -> int:
                             "x_ceiling": round(r["images_per_s"] / ((top + after) / 2), 4),
                             **costs(r),
                         }
+                        if "connections_per_worker" in r:
+                            rnd[key][n]["connections_per_worker"] = r["connections_per_worker"]
                         top = after
                 for key, sc in (("bulk32", BULK32), ("stream", STREAM)):
                     # The transport's own CPU for a call of this size (no model run): the
