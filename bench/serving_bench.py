@@ -42,7 +42,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import h2grpc  # noqa: E402
+from ports import free_port  # noqa: E402
 from serving_report import (  # noqa: E402
     EMPTY_UV,
     METRICS_OFF,
@@ -117,12 +117,6 @@ class System:
 
 
 # ----------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def find_model(repo: Path | None, work: Path) -> Path:
     """model.onnx of the latest fashion-mnist version: given, found, or trained here."""
     candidates = [repo] if repo else [ROOT / "runs/demo/models", ROOT / "runs/bench-export/models"]

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import grpc
 import pytest
 import yaml
 
+from bench.ports import free_port
 from serving.probe import check
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,22 +58,6 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 20.0, every: flo
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(every)
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now on 127.0.0.1 and never handed out before by this process: once a
-    probe socket closes, the kernel may give the next bind(0) the same port, and a server
-    given it for two of its listeners cannot start (seen: gRPC and metrics both on one)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 @dataclass
