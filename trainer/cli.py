@@ -139,10 +139,18 @@ def _without_launch_options(argv: Sequence[str]) -> list[str]:
 def train_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _train_parser().parse_args(argv)
-    from trainer.checkpoint import CheckpointError, ResumeError
-    from trainer.distributed import World
+    from trainer.distributed import World, end_rank
 
     world = World.from_env()
+    code = _train(args, argv, world)
+    if world.launched:  # a torchrun rank ends without finalizing: see end_rank
+        end_rank(code)
+    return code
+
+
+def _train(args: argparse.Namespace, argv: list[str], world: World) -> int:
+    from trainer.checkpoint import CheckpointError, ResumeError
+
     setup_logging(args.quiet or not world.is_main)  # the other ranks stay quiet
     from trainer.engine import TrainingDiverged
     from trainer.run import fit

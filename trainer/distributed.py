@@ -23,8 +23,10 @@ import contextlib
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -192,6 +194,26 @@ def process_group(world: World, device: torch.device) -> Iterator[World]:
     # Everyone finishes before anyone tears the group down (gloo aborts the process otherwise).
     dist.barrier()
     dist.destroy_process_group()
+
+
+def end_rank(code: int) -> NoReturn:
+    """End a torchrun rank with `code` without finalizing the interpreter.
+
+    `destroy_process_group` does not stop gloo's worker threads (the C++ group outlives it),
+    and one may still be dropping its reference to a tensor of the last collective, a tensor
+    Python has already let go of. At torch 2.13 that release takes the GIL; a thread that asks
+    for the GIL while the interpreter finalizes is ended by `pthread_exit`, whose unwinding
+    through the release aborts the process ("terminate called without an active exception",
+    exit -6; a core dump of rank 1 shows `ProcessGroupGloo::AsyncWork::~AsyncWork` in
+    `gil_scoped_acquire` beside `Py_FinalizeEx`). The barrier cannot prevent it: the group has
+    two worker threads, and the barrier may run on the other. So a rank does not finalize:
+    what it wrote is closed by now, and logging and the standard streams are flushed here.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------- launching
