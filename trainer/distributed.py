@@ -19,6 +19,7 @@ rows added), so N-process weights equal one process's to float32 rounding, not b
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import logging
@@ -207,9 +208,10 @@ def end_rank(code: int) -> NoReturn:
     exit -6; a core dump of rank 1 shows `ProcessGroupGloo::AsyncWork::~AsyncWork` in
     `gil_scoped_acquire` beside `Py_FinalizeEx`). The barrier cannot prevent it: the group has
     two worker threads, and the barrier may run on the other. So a rank does not finalize:
-    what it wrote is closed by now, and logging and the standard streams are flushed here.
+    what it wrote is closed by now; the exit handlers run here (logging's flush, temporary
+    folders' removal), then the standard streams are flushed and the process ends.
     """
-    logging.shutdown()
+    atexit._run_exitfuncs()  # what finalizing runs first, with the interpreter whole
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
