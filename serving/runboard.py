@@ -9,7 +9,8 @@ worker on the same 2 cores (BENCHMARKS.md, "Session 14").
 
 So every worker counts its runs in flight on a board: a small file that all of them map, with
 each worker's runs in flight and when its last one ended. A run that finds no other run in
-flight on the whole server, and no other worker busy in the last QUIET_NS, takes the
+flight on the whole server, no other worker busy in the last QUIET_NS, and no two runs of its
+own worker at once in the last QUIET_NS (its lanes, with `--instances` above 1), takes the
 version's wide session (a thread per usable core); otherwise it takes its own share. ORT fixes
 a session's thread count when it is made, hence two sessions per version when the board is
 on (`--no-borrow-idle-cores`: one). The wide session never spins between the parallel
@@ -61,19 +62,26 @@ class RunBoard:
         self._slot = slot
         self._others = [j for j in range(slots) if j != slot]
         self._lock = threading.Lock()  # this process's lanes and loop update one slot
+        # When two of this process's runs were last in flight at once. Its lanes hand a lone
+        # client's calls to one another, so "another lane ran lately" would keep that client
+        # narrow; under load they overlap all the time, which a lone client's runs never do.
+        self._overlap_ns = -QUIET_NS
         self._words[2 * slot] = 0  # a restarted worker: whatever its predecessor left
         self.runs = 0  # this process's runs through the board, and how many ran wide
         self.wide_runs = 0
 
     def enter(self) -> bool:
-        """Count a run in; True when it is the only one in flight on the server and every
-        other worker has been idle for QUIET_NS."""
+        """Count a run in; True when it is the only one in flight on the server, every other
+        worker has been idle for QUIET_NS, and no two of this worker's runs overlapped in
+        that time."""
         w, mine = self._words, 2 * self._slot
         with self._lock:
+            now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process
             w[mine] += 1
-            alone = w[mine] == 1
+            if w[mine] > 1:
+                self._overlap_ns = now
+            alone = w[mine] == 1 and now - self._overlap_ns >= QUIET_NS
             if alone and self._others:
-                now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for every process
                 alone = all(w[2 * j] == 0 and now - w[2 * j + 1] >= QUIET_NS for j in self._others)
             self.runs += 1
             self.wide_runs += alone
@@ -82,8 +90,11 @@ class RunBoard:
     def leave(self) -> None:
         w, mine = self._words, 2 * self._slot
         with self._lock:
+            now = time.monotonic_ns()
+            if w[mine] > 1:  # an overlap lasts until one of its runs leaves
+                self._overlap_ns = now
             w[mine] -= 1
-            w[mine + 1] = time.monotonic_ns()
+            w[mine + 1] = now
 
     def counts(self) -> tuple[int, int]:
         """(runs, of which wide) this process has made through the board."""

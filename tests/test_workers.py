@@ -89,6 +89,23 @@ def test_only_a_run_alone_on_the_server_is_told_to_take_every_core(tmp_path: Pat
     assert a.in_flight() == b.in_flight() == 0
 
 
+def test_lanes_of_one_worker_that_overlapped_lately_keep_their_share() -> None:
+    board = RunBoard(None, 1, 0)  # one worker, --instances 2: its lanes share its slot
+    for _ in range(3):  # a lone client: one run at a time, whichever lane takes it
+        assert board.enter()
+        board.leave()
+    assert board.enter()
+    assert not board.enter()  # both lanes at once: the second takes its share
+    board.leave()
+    board.leave()
+    assert not board.enter()  # alone now, but only in a gap between the other lane's runs
+    board.leave()
+    time.sleep(QUIET_NS / 1e9)  # no overlap for that long: the load is gone
+    assert board.enter()
+    board.leave()
+    assert board.counts() == (7, 5) and board.in_flight() == 0
+
+
 def test_a_restarted_worker_clears_the_count_its_predecessor_left(tmp_path: Path) -> None:
     path = make_board_file(tmp_path, 2)
     RunBoard(path, 2, 1).enter()  # killed in the middle of a run: it never leaves
@@ -131,18 +148,24 @@ def test_the_wide_session_answers_the_same_bits(version_dir: Path, fashion_test)
 
 
 @pytest.mark.slow  # about 3 s: three processes
-def test_one_client_of_two_workers_runs_on_every_core(
-    model_repository: Path, tmp_path: Path, fashion_test
+@pytest.mark.parametrize(
+    "layout",
+    [("--workers", "2"), ("--instances", "2", "--intra-op-threads", "1")],
+    ids=["two workers", "two lanes"],
+)
+def test_one_client_runs_on_every_core(
+    model_repository: Path, tmp_path: Path, fashion_test, layout: tuple[str, ...]
 ) -> None:
     """One gRPC channel is one connection, which SO_REUSEPORT gives to one worker: its runs,
-    alone on the server, take the idle worker's core too, and answer as in-process ORT."""
+    alone on the server, take the idle worker's core too, and answer as in-process ORT. One
+    worker's two lanes hand a lone client's calls to one another: its runs are alone too."""
     if usable_cores() < 2:
         pytest.skip("one usable core: there is no core to borrow")
     version = model_repository / "fashion-mnist" / "1"
     sess = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
     x = fashion_test.images[:32]
     want = sess.run(["probabilities"], {"images": x})[0]
-    with running_server(model_repository, tmp_path, "--workers", "2") as s:
+    with running_server(model_repository, tmp_path, *layout) as s:
         with Client(s.target) as client:
             for _ in range(5):
                 got = client.predict(list(x))
