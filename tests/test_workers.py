@@ -147,7 +147,7 @@ def test_the_wide_session_answers_the_same_bits(version_dir: Path, fashion_test)
     assert session.board.in_flight() == 0
 
 
-@pytest.mark.slow  # about 3 s: three processes
+@pytest.mark.slow  # about 3 s each: a server of up to three processes
 @pytest.mark.parametrize(
     "layout",
     [("--workers", "2"), ("--instances", "2", "--intra-op-threads", "1")],
