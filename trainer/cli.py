@@ -137,6 +137,8 @@ def _without_launch_options(argv: Sequence[str]) -> list[str]:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
+    """`cnn-train`: its exit code. A torchrun rank does not return: it ends the process with
+    that code (`trainer.distributed.end_rank` says why)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _train_parser().parse_args(argv)
     from trainer.distributed import World, end_rank
