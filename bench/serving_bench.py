@@ -66,6 +66,8 @@ from ports import free_port  # noqa: E402
 from serving_report import (  # noqa: E402
     EMPTY_UV,
     METRICS_OFF,
+    NAIVE2,
+    NAIVE2_SYNC,
     latency_throughput_figure,
     markdown,
     targets,
@@ -440,6 +442,16 @@ def systems(model: Path, port: int, mport: int, skip_triton: bool) -> list[Syste
             checks_answers=False,
         ),
         System("naive", "convserve", naive, SINGLE + BULK),
+        *(
+            System(
+                name,
+                "convserve",
+                [*naive, "--processes", "2", "--intra-op-threads", "1", "--transport", t],
+                BULK,
+                listeners=2,
+            )
+            for name, t in ((NAIVE2, "aio"), (NAIVE2_SYNC, "sync"))
+        ),
         System("convserve, no batching", "convserve", [*serve, "--max-batch-size", "1"], SINGLE),
         System(
             "convserve, no batching, 2 workers",
@@ -730,6 +742,8 @@ def main() -> int:
         for system in systems(model, port, mport, args.skip_triton):
             if wanted and system.name not in wanted:
                 continue
+            if not wanted and system.name in (NAIVE2, NAIVE2_SYNC):
+                continue  # bench-targets' peers for the bulk rows
             log = tmp / "server.log"
             before = ort_ceiling(model, images, BRACKET_S, (1, 32))
             first_result = len(results)

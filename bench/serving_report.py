@@ -20,6 +20,10 @@ OURS = (
 )
 TRITON, NAIVE, EMPTY = "triton (pytriton)", "naive", "empty grpc.aio"
 EMPTY_UV = "empty grpc.aio, uvloop"  # the same floor on the loop cnn-serve runs on
+# The naive server started as 2 processes of one ORT thread each on one port: the layout of
+# convserve's 2 workers (bench-targets' bulk rows; on grpc.aio, and on grpc's thread pool).
+NAIVE2 = "naive, 2 processes"
+NAIVE2_SYNC = "naive, 2 processes, sync gRPC"
 METRICS_OFF = "convserve, metrics off"  # not a configuration we ship: the metrics baseline
 
 

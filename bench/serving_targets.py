@@ -16,6 +16,9 @@ back:
   each, run at once from two threads: what 2 workers can do at most on 2 cores).
   The 2-worker server's rows say how h2load's connections fell on its workers (`ss`,
   halfway through each run): SO_REUSEPORT hashes each connection to one worker.
+  The naive server also runs there as 2 processes of one ORT thread each on one port (the
+  2 workers' layout, what a user gets by starting it twice), and with `--sync-peer` the
+  same on grpc's thread-pool server, which prices grpc.aio's transport.
 
 With `--before DIR` (a checkout of an earlier commit, e.g. `git worktree add DIR <commit>`),
 convserve from DIR joins every group under its own names ("... (before)"), so a change is
@@ -27,7 +30,7 @@ Every run is bracketed by correctness passes like bench-serving's, and h2load's 
 bytes are checked.
 
     python bench/serving_targets.py [--rounds 5] [--duration 4] [--model-repository DIR]
-        [--before DIR] [--groups c1,c64,bulk]
+        [--before DIR] [--groups c1,c64,bulk] [--sync-peer]
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import h2grpc  # noqa: E402
 import serving_bench as sb  # noqa: E402
-from serving_report import EMPTY, EMPTY_UV, NAIVE, TRITON  # noqa: E402
+from serving_report import EMPTY, EMPTY_UV, NAIVE, NAIVE2, NAIVE2_SYNC, TRITON  # noqa: E402
 
 from serving.runtime import session_options  # noqa: E402
 from serving.settings import ServerSettings  # noqa: E402
@@ -163,6 +166,15 @@ def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         name = f"{sc.name}: >= the naive server's images/s in the same round"
         out.append(judged(name, per, 1.0, "x naive"))
+        if all(NAIVE2 in r[key] for r in rounds):
+            per = {
+                ours: [
+                    r[key][ours]["images_per_s"] / r[key][NAIVE2]["images_per_s"] for r in rounds
+                ]
+                for ours in OURS
+            }
+            name = f"{sc.name}: >= the naive server as 2 processes of 1 ORT thread, same round"
+            out.append(judged(name, per, 1.0, "x naive"))
         layout = {TWO: [r[key][TWO]["x_layout_ceiling"] for r in rounds]}
         name = (
             f"(yardstick) {sc.name}: >= 95% of the ceiling as 2 workers lay their threads "
@@ -283,15 +295,21 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {i} | {rps} |")
         lines.append("")
     if all(ONE in r["bulk32"] for r in rounds):
+        three = tuple(s for s in (NAIVE, NAIVE2, NAIVE2_SYNC, ONE, TWO) if s in rounds[0]["bulk32"])
+        who = " / ".join(
+            {NAIVE: "naive", NAIVE2: "naive x2", NAIVE2_SYNC: "naive x2 sync", ONE: "1"}.get(
+                s, "2 workers"
+            )
+            for s in three
+        )
         lines += [
-            "| round | ceiling img/s: batch 32 / 2 x 1 thread | 32 images img/s: naive / 1 / "
-            "2 workers | x ceiling: naive / 1 / 2 workers | server CPU ms per request: naive "
-            "/ 1 / 2 workers (empty server) | h2load cores: naive / 1 / 2 workers | stream x "
-            "ceiling: naive / 1 / 2 workers | stream server CPU ms per request: naive / 1 / 2 "
-            "workers (empty server) | 2 workers' connections per worker: 32 images / stream |",
+            f"| round | ceiling img/s: batch 32 / 2 x 1 thread | 32 images img/s: {who} "
+            f"| x ceiling: {who} | server CPU ms per request: {who} (empty server) "
+            f"| h2load cores: {who} | stream x ceiling: {who} | stream server CPU ms per "
+            f"request: {who} (empty server) | 2 workers' connections per worker: 32 images / "
+            "stream |",
             "|---:|---|---|---|---|---|---|---|---|",
         ]
-        three = (NAIVE, ONE, TWO)
         for i, r in enumerate(rounds, 1):
             b, st = r["bulk32"], r["stream"]
 
@@ -357,6 +375,11 @@ def main() -> int:
         default=",".join(GROUPS),
         help=f"comma-separated, of {','.join(GROUPS)} (a partial run judges only its targets)",
     )
+    p.add_argument(
+        "--sync-peer",
+        action="store_true",
+        help=f"add '{NAIVE2_SYNC}' to the bulk group (grpc's thread-pool transport)",
+    )
     args = p.parse_args()
     groups = set(args.groups.split(","))
     if not groups or not groups <= set(GROUPS):
@@ -377,6 +400,10 @@ def main() -> int:
         wanted.append(EMPTY_UV)
     if "c64" in groups and not args.skip_triton:
         wanted.append(TRITON)
+    peers = []  # the bulk group's naive peers beside the naive server
+    if "bulk" in groups:
+        peers = [NAIVE2, NAIVE2_SYNC] if args.sync_peer else [NAIVE2]
+        wanted += peers
     # Each system on ports of its own, built by bench-serving's own table.
     chosen: dict[str, tuple[sb.System, int]] = {}
     for name in wanted:
@@ -462,7 +489,7 @@ def main() -> int:
                 layout = layout_ceiling(model, images)
                 top = ceiling(model, images, 32)
                 for key, sc in (("bulk32", BULK32), ("stream", STREAM)):
-                    for n in turn([NAIVE, *ours]):
+                    for n in turn([NAIVE, *peers, *ours]):
                         r = run(n, sc)
                         after = ceiling(model, images, 32)
                         rnd[key][n] = {
@@ -486,7 +513,7 @@ def main() -> int:
                         statistics.mean(g[n]["ceiling_images_per_s"] for n in (NAIVE, *ours)), 1
                     )
                     g["layout_ceiling_images_per_s"] = round(layout, 1)
-                    for n in (NAIVE, *ours):
+                    for n in (NAIVE, *peers, *ours):
                         g[n]["x_layout_ceiling"] = round(g[n]["images_per_s"] / layout, 4)
             rounds.append(rnd)
             print(f"  round {i + 1}: {json.dumps(rnd)}", flush=True)
