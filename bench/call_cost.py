@@ -9,7 +9,11 @@ returns the version's own answer for these images (computed once by ORT), so eve
 but the run itself happens as it does when serving. CPU is the process's (all threads: the
 hop to the ORT thread counts), per request, median and minimum of `--rounds` rounds.
 
-    python bench/call_cost.py --model-repository DIR [--images 32] [--json OUT]
+    python bench/call_cost.py --model-repository DIR [--images 32] [--concurrency 64] [--json OUT]
+
+`--concurrency C` keeps C calls in flight at once (asyncio.gather, C at a time), so they
+queue and share batches as a loaded server's do (the batched path: the scheduler, the run
+on an ORT thread, the delivery); 1, the default, prices a lone client's path.
 
 Run it from another checkout's root (`cd OLD && python /path/bench/call_cost.py ...`) to
 price that checkout's code: it imports `serving` from the current directory.
@@ -18,6 +22,7 @@ price that checkout's code: it imports `serving` from the current directory.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -53,7 +58,9 @@ def _images(n: int, shape: tuple[int, int, int]) -> np.ndarray:
     return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
 
 
-async def measure(repository: Path, n: int, rounds: int, calls: int) -> dict[str, Any]:
+async def measure(
+    repository: Path, n: int, rounds: int, calls: int, concurrency: int = 1
+) -> dict[str, Any]:
     settings = ServerSettings(
         model_repository=repository,
         host="127.0.0.1",
@@ -68,8 +75,10 @@ async def measure(repository: Path, n: int, rounds: int, calls: int) -> dict[str
     try:
         mv = app.plane.model(None, None)
         images = _images(n, mv.manifest.input.shape)
-        answer = mv.session.classify(images)  # the version's own outputs for these images
-        mv.batcher.run = lambda rows: answer
+        # The version's own outputs for these images, as many times as a batch may hold them.
+        copies = max(1, -(-mv.batcher.config.max_batch_size // n)) if concurrency > 1 else 1
+        answer = mv.session.classify(np.concatenate([images] * copies))
+        mv.batcher.run = lambda rows: answer[: len(rows)]
         raw = pb.PredictRequest(
             top_k=1,
             images=[
@@ -80,10 +89,17 @@ async def measure(repository: Path, n: int, rounds: int, calls: int) -> dict[str
         servicer = ClassifierServicer(app.plane, app.metrics)
         context = _Context()
 
-        async def call() -> None:
+        async def one() -> None:
             response = await servicer.Predict(pb.PredictRequest.FromString(raw), context)
             response.SerializeToString()
 
+        async def call() -> None:
+            if concurrency == 1:
+                await one()
+            else:
+                await asyncio.gather(*(one() for _ in range(concurrency)))
+
+        calls = max(1, calls // concurrency)  # rounds of `concurrency` calls each
         for _ in range(calls // 4):
             await call()
         process, loop = [], []
@@ -91,11 +107,12 @@ async def measure(repository: Path, n: int, rounds: int, calls: int) -> dict[str
             p0, t0 = time.process_time_ns(), time.thread_time_ns()
             for _ in range(calls):
                 await call()
-            process.append((time.process_time_ns() - p0) / calls / 1e3)
-            loop.append((time.thread_time_ns() - t0) / calls / 1e3)
+            process.append((time.process_time_ns() - p0) / (calls * concurrency) / 1e3)
+            loop.append((time.thread_time_ns() - t0) / (calls * concurrency) / 1e3)
             mv.monitor.take()  # counted once a second when serving; outside the timing here
         return {
             "images_per_request": n,
+            "concurrency": concurrency,
             "process_cpu_us": {
                 "median": round(statistics.median(process), 1),
                 "min": round(min(process), 1),
@@ -105,7 +122,7 @@ async def measure(repository: Path, n: int, rounds: int, calls: int) -> dict[str
                 "min": round(min(loop), 1),
             },
             "rounds": rounds,
-            "calls_per_round": calls,
+            "calls_per_round": calls * concurrency,
         }
     finally:
         await app.drain(1)
@@ -115,16 +132,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--images", type=int, action="append", help="per request (default 32 and 1)")
+    p.add_argument("--concurrency", type=int, default=1, help="calls in flight at once")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--calls", type=int, default=1000, help="calls per round")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     out = []
     for n in args.images or [32, 1]:
-        r = loop_runner("auto")(measure(args.model_repository, n, args.rounds, args.calls))
+        r = loop_runner("auto")(
+            measure(args.model_repository, n, args.rounds, args.calls, args.concurrency)
+        )
         out.append(r)
         print(
-            f"{n:>3} images: process CPU {r['process_cpu_us']['median']:.1f} us per request "
+            f"{n:>3} images, {args.concurrency} in flight: process CPU "
+            f"{r['process_cpu_us']['median']:.1f} us per request "
             f"(min {r['process_cpu_us']['min']:.1f}), event loop thread "
             f"{r['loop_thread_cpu_us']['median']:.1f} (min {r['loop_thread_cpu_us']['min']:.1f})",
             flush=True,
