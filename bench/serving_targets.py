@@ -295,12 +295,12 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {i} | {rps} |")
         lines.append("")
     if all(ONE in r["bulk32"] for r in rounds):
-        three = tuple(s for s in (NAIVE, NAIVE2, NAIVE2_SYNC, ONE, TWO) if s in rounds[0]["bulk32"])
+        shown = tuple(s for s in (NAIVE, NAIVE2, NAIVE2_SYNC, ONE, TWO) if s in rounds[0]["bulk32"])
         who = " / ".join(
             {NAIVE: "naive", NAIVE2: "naive x2", NAIVE2_SYNC: "naive x2 sync", ONE: "1"}.get(
                 s, "2 workers"
             )
-            for s in three
+            for s in shown
         )
         lines += [
             f"| round | ceiling img/s: batch 32 / 2 x 1 thread | 32 images img/s: {who} "
@@ -314,7 +314,7 @@ def markdown(doc: dict[str, Any]) -> str:
             b, st = r["bulk32"], r["stream"]
 
             def cells(g: dict[str, Any], key: str, fmt: str) -> str:
-                return " / ".join(format(g[s][key], fmt) for s in three)
+                return " / ".join(format(g[s][key], fmt) for s in shown)
 
             def spread(g: dict[str, Any]) -> str:
                 conns = g[TWO].get("connections_per_worker")
