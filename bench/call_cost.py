@@ -99,16 +99,17 @@ async def measure(
             else:
                 await asyncio.gather(*(one() for _ in range(concurrency)))
 
-        calls = max(1, calls // concurrency)  # rounds of `concurrency` calls each
-        for _ in range(calls // 4):
+        turns = max(1, calls // concurrency)  # of `concurrency` calls each
+        made = turns * concurrency  # calls a round makes
+        for _ in range(turns // 4):
             await call()
         process, loop = [], []
         for _ in range(rounds):
             p0, t0 = time.process_time_ns(), time.thread_time_ns()
-            for _ in range(calls):
+            for _ in range(turns):
                 await call()
-            process.append((time.process_time_ns() - p0) / (calls * concurrency) / 1e3)
-            loop.append((time.thread_time_ns() - t0) / (calls * concurrency) / 1e3)
+            process.append((time.process_time_ns() - p0) / made / 1e3)
+            loop.append((time.thread_time_ns() - t0) / made / 1e3)
             mv.monitor.take()  # counted once a second when serving; outside the timing here
         return {
             "images_per_request": n,
@@ -122,7 +123,7 @@ async def measure(
                 "min": round(min(loop), 1),
             },
             "rounds": rounds,
-            "calls_per_round": calls * concurrency,
+            "calls_per_round": made,
         }
     finally:
         await app.drain(1)
