@@ -111,13 +111,21 @@ class Empty(Naive):
 OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 
 
+def bind(server: grpc.Server | grpc.aio.Server, host: str, port: int) -> None:
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"could not bind {host}:{port}")
+
+
+def announce(servicer: pb_grpc.ClassifierServicer, host: str, port: int) -> None:
+    print(f"{type(servicer).__name__.lower()} server listening on {host}:{port}", flush=True)
+
+
 async def serve(servicer: pb_grpc.ClassifierServicer, host: str, port: int, shared: bool) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared)), *OPTIONS])
     pb_grpc.add_ClassifierServicer_to_server(servicer, server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise OSError(f"could not bind {host}:{port}")
+    bind(server, host, port)
     await server.start()
-    print(f"{type(servicer).__name__.lower()} server listening on {host}:{port}", flush=True)
+    announce(servicer, host, port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -145,10 +153,9 @@ def serve_sync(servicer: Naive, host: str, port: int, shared: bool) -> None:
         options=[("grpc.so_reuseport", int(shared)), *OPTIONS],
     )
     pb_grpc.add_ClassifierServicer_to_server(Sync(servicer), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise OSError(f"could not bind {host}:{port}")
+    bind(server, host, port)
     server.start()
-    print(f"{type(servicer).__name__.lower()} server listening on {host}:{port}", flush=True)
+    announce(servicer, host, port)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=1))
     server.wait_for_termination()
 

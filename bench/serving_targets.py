@@ -160,21 +160,17 @@ def evaluate(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         per = {ours: [r[key][ours]["x_ceiling"] for r in rounds] for ours in OURS}
         name = f"{sc.name}: >= 95% of the ORT in-process ceiling (batch 32) images/s"
         out.append(judged(name, per, 0.95, "x ceiling"))
-        per = {
-            ours: [r[key][ours]["images_per_s"] / r[key][NAIVE]["images_per_s"] for r in rounds]
-            for ours in OURS
-        }
-        name = f"{sc.name}: >= the naive server's images/s in the same round"
-        out.append(judged(name, per, 1.0, "x naive"))
-        if all(NAIVE2 in r[key] for r in rounds):
+        for peer, what in (
+            (NAIVE, "the naive server's images/s in the same round"),
+            (NAIVE2, "the naive server as 2 processes of 1 ORT thread, same round"),
+        ):
+            if not all(peer in r[key] for r in rounds):
+                continue
             per = {
-                ours: [
-                    r[key][ours]["images_per_s"] / r[key][NAIVE2]["images_per_s"] for r in rounds
-                ]
+                ours: [r[key][ours]["images_per_s"] / r[key][peer]["images_per_s"] for r in rounds]
                 for ours in OURS
             }
-            name = f"{sc.name}: >= the naive server as 2 processes of 1 ORT thread, same round"
-            out.append(judged(name, per, 1.0, "x naive"))
+            out.append(judged(f"{sc.name}: >= {what}", per, 1.0, "x naive"))
         layout = {TWO: [r[key][TWO]["x_layout_ceiling"] for r in rounds]}
         name = (
             f"(yardstick) {sc.name}: >= 95% of the ceiling as 2 workers lay their threads "
